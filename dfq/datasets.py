@@ -1,0 +1,136 @@
+"""Datasets: Fashion-MNIST (the embedded default) read with torchvision's own reader.
+
+The Debian package ``dataset-fashion-mnist`` ships the four gzipped IDX files under
+``/usr/share/datasets/fashion-mnist``. torchvision's ``FashionMNIST`` reads them once they sit in its
+``<root>/FashionMNIST/raw`` layout, so we unpack them there (a cache folder) and let torchvision parse
+them. When the files are absent and ``download`` is allowed, torchvision downloads them (online users).
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# Mean and std of the Fashion-MNIST training images in [0, 1].
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+NO_DATA_HELP = (
+    "Fashion-MNIST not found. Provide it in one of these ways: "
+    "(1) `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) which installs the IDX files under "
+    "/usr/share/datasets/fashion-mnist; (2) put the four files {files} (gzipped or not) in a folder and "
+    "set data.root to it; (3) set data.download: true on a machine with internet access."
+)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects: shape of one image and the normalisation that maps [0, 1] to it."""
+
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W) / (N, C, H, W) or float [0, 1] images -> normalised float (N, C, H, W)."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return x * std + mean
+
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        return cls(tuple(d["shape"]), tuple(d["mean"]), tuple(d["std"]))
+
+
+FASHION_MNIST_SPEC = InputSpec((1, 28, 28), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+
+def _stage_raw_files(src: Path, cache: Path) -> bool:
+    """Copy/unpack the IDX files from ``src`` into torchvision's layout under ``cache``."""
+    raw = cache / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        target = raw / name
+        if target.exists():
+            continue
+        if (src / name).is_file():
+            shutil.copyfile(src / name, target)
+        elif (src / f"{name}.gz").is_file():
+            tmp = target.with_suffix(".part")
+            with gzip.open(src / f"{name}.gz", "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            tmp.rename(target)
+        else:
+            return False
+    return True
+
+
+def load_fashion_mnist(root: str | Path, cache: str | Path, download: bool = False):
+    """Return (train, test) as uint8 image tensors (N, 28, 28) and int64 label tensors.
+
+    ``root`` holds the IDX files (gzipped or not); ``cache`` is a scratch folder for torchvision.
+    """
+    from torchvision.datasets import FashionMNIST
+
+    root, cache = Path(root), Path(cache)
+    if not _stage_raw_files(root, cache) and not download:
+        raise FileNotFoundError(f"data.root={root}: " + NO_DATA_HELP.format(files=", ".join(FASHION_MNIST_FILES)))
+    try:
+        train = FashionMNIST(str(cache), train=True, download=download)
+        test = FashionMNIST(str(cache), train=False, download=download)
+    except RuntimeError as exc:  # torchvision: "Dataset not found" or a failed download
+        raise FileNotFoundError(
+            f"data.root={root}: {exc}. " + NO_DATA_HELP.format(files=", ".join(FASHION_MNIST_FILES))
+        ) from exc
+    return (train.data.clone(), train.targets.clone()), (test.data.clone(), test.targets.clone())
+
+
+def calibration_subset(images: torch.Tensor, num_images: int, seed: int) -> torch.Tensor:
+    """Seeded random choice of ``num_images`` distinct training images (no labels: calibration only)."""
+    if num_images > len(images):
+        raise ValueError(f"data.num_images={num_images} exceeds the {len(images)} training images")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(images), generator=g)[:num_images]
+    return images[idx.sort().values]
+
+
+class NormalizedTensorDataset(torch.utils.data.Dataset):
+    """uint8 images + labels served as normalised float images (for DataLoader with workers)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec):
+        self.images, self.labels, self.spec = images, labels, spec
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.spec.normalize(self.images[i : i + 1])[0], self.labels[i]
+
+    def __getitems__(self, idx):  # batched fetch: one normalisation per batch, not per image
+        idx = torch.as_tensor(idx)
+        x = self.spec.normalize(self.images[idx])
+        return list(zip(x, self.labels[idx]))

@@ -1,0 +1,81 @@
+"""Reports: the results table (markdown) and PNG plots a person would rather look at than read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def results_table(fp32: dict, results: dict[tuple[str, str], dict], sources: list[str], bits: list[str]) -> str:
+    """Markdown table: one row per source, columns FP32 and each bit-width (top-1 %, top-5 in brackets)."""
+    head = "| source | FP32 | " + " | ".join(b.upper() for b in bits) + " |"
+    lines = [head, "|" + "---|" * (2 + len(bits))]
+    for s in sources:
+        cells = []
+        for b in bits:
+            r = results.get((s, b))
+            cells.append(f"{r['top1']:.2f} ({r['top5']:.2f})" if r else "n/a")
+        lines.append(f"| {s} | {fp32['top1']:.2f} ({fp32['top5']:.2f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_bits(fp32: dict, results: dict, sources: list[str], bits: list[str], path) -> None:
+    """Top-1 against bit-width, one line per source, FP32 as a dashed reference."""
+    plt = _plt()
+    order = sorted(bits, key=lambda b: int(b[1:].split("a")[0]) * 10 + int(b.split("a")[1]))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for s in sources:
+        xs = [b for b in order if (s, b) in results]
+        ax.plot([b.upper() for b in xs], [results[(s, b)]["top1"] for b in xs], marker="o", label=s)
+    ax.axhline(fp32["top1"], color="black", linestyle="--", linewidth=1, label=f"FP32 {fp32['top1']:.2f}")
+    ax.set_xlabel("bit-width (weights/activations)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("Accuracy vs bit-width per calibration source")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_sample_grid(samples: dict[str, torch.Tensor], mean, std, path, per_row: int = 8) -> None:
+    """One row per source of calibration images, de-normalised to [0, 1] for display."""
+    plt = _plt()
+    rows = len(samples)
+    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 1.1, rows * 1.25 + 0.3), dpi=110, squeeze=False)
+    m = torch.tensor(mean).view(-1, 1, 1)
+    sd = torch.tensor(std).view(-1, 1, 1)
+    for r, (name, x) in enumerate(samples.items()):
+        for c in range(per_row):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(x):
+                img = (x[c] * sd + m).clamp(0, 1)
+                ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+        axes[r][0].set_title(name, loc="left", fontsize=9)
+    fig.suptitle("Calibration samples per source (de-normalised, clipped to [0, 1])", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    from dfq.io import atomic_path
+
+    plt = _plt()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_text(text: str, path) -> None:
+    from dfq.io import save_text
+
+    save_text(text, Path(path))

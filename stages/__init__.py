@@ -1,0 +1,1 @@
+"""Thin DVC stage scripts: read one params group, call dfq, write outputs atomically."""

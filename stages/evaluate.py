@@ -1,0 +1,35 @@
+"""Stage evaluate@<source>-<bits>: top-1/top-5 of the calibrated fake-quant model on the test set."""
+import sys
+from pathlib import Path
+
+from stages._common import device, load_params, setup_torch, workers
+
+
+def main(source: str, bits: str) -> None:
+    p = load_params("evaluate")
+    setup_torch()
+    from dfq.datasets import InputSpec, NormalizedTensorDataset
+    from dfq.evaluate import evaluate, make_loader
+    from dfq.io import load_torch, save_json
+    from dfq.models import load_checkpoint
+    from dfq.observers import MinMaxObserver
+    from dfq.quantize import load_calibrated, prepare
+    from dfq.quantizers import parse_bits
+
+    model, meta = load_checkpoint("models/fp32.pt")
+    ckpt = load_torch(Path("models/quant") / f"{source}-{bits}.pt")
+    wbits, abits = parse_bits(bits)
+    gm = load_calibrated(prepare(model, wbits, abits, MinMaxObserver), ckpt["state_dict"])
+    spec = InputSpec.from_dict(meta["input_spec"])
+    test = load_torch("data/prepared/test.pt")
+    loader = make_loader(NormalizedTensorDataset(test["images"], test["labels"], spec), p["batch_size"], workers())
+    m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
+    save_json({"top1": m["top1"], "top5": m["top5"], "source": source, "bits": bits},
+              Path("metrics/eval") / f"{source}-{bits}.json")
+    print(f"{source}-{bits}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m stages.evaluate SOURCE BITS   (e.g. zeroq w4a4)")
+    main(sys.argv[1], sys.argv[2])
