@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dfq.bn_stats import BNInputStats
-from dfq.losses import zeroq_loss
+from dfq.losses import dsg_loss, lse_weights, sda_margins, zeroq_loss
 
 INITS = ("gaussian", "zeroq_uniform")
 
@@ -134,3 +134,90 @@ def zeroq_batch(
         model, x0, zeroq_loss, iterations=iterations, lr=lr, patience=patience, min_lr=min_lr, desc=desc
     )
     return x.cpu(), info
+
+
+def probe_seed(seed: int) -> int:
+    """Seed of the Gaussian probe that sets a batch's SDA margins (distinct from the init's seed)."""
+    return seed ^ 0x5DEECE66D
+
+
+@torch.no_grad()
+def compute_margins(model: nn.Module, shape: tuple[int, ...], seed: int, eps: float, per_channel: bool, device="cpu"):
+    """SDA margins from one forward pass of a seeded N(0, 1) probe of the batch's shape."""
+    probe = torch.randn(shape, generator=torch.Generator().manual_seed(probe_seed(seed))).to(device)
+    with frozen(model), BNInputStats(model).to(device) as stats:
+        model(probe)
+        return sda_margins(stats, eps, per_channel)
+
+
+def dsg_batch(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    seed: int,
+    *,
+    iterations: int = 500,
+    lr: float = 0.5,
+    patience: int = 100,
+    min_lr: float = 1e-4,
+    init: str = "gaussian",
+    sda: bool = True,
+    eps: float = 0.9,
+    per_channel: bool = False,
+    lse: bool = True,
+    lse_weight: float = 2.0,
+    device: str | torch.device = "cpu",
+    desc: str = "dsg",
+) -> tuple[torch.Tensor, dict, dict | None]:
+    """One DSG batch. With ``sda`` the BN-statistic match is slack (dead zone of width given by the
+    margins); with ``lse`` sample j's loss at BN layer j mod L counts ``lse_weight`` times. Both off is
+    ZeroQ exactly. Returns (images, info, margins or None)."""
+    num_layers = len(BNInputStats(model))
+    margins = compute_margins(model, shape, seed, eps, per_channel, device) if sda else None
+    weights = lse_weights(shape[0], num_layers, lse_weight).to(device) if lse else None
+
+    def loss_fn(x, stats):
+        return dsg_loss(x, stats, margins, weights)
+
+    x0 = init_images(init, shape, torch.Generator().manual_seed(seed)).to(device)
+    x, info = optimize_images(
+        model, x0, loss_fn, iterations=iterations, lr=lr, patience=patience, min_lr=min_lr, desc=desc
+    )
+    saved = None
+    if margins is not None:
+        saved = {"mean": [m.cpu() for m in margins[0]], "std": [g.cpu() for g in margins[1]],
+                 "eps": eps, "per_channel": per_channel}
+    return x.cpu(), info, saved
+
+
+SOURCES = ("gaussian", "zeroq", "dsg", "real")
+
+
+def plan_batches(source: str, num_images: int, batch_size: int, cfg: dict, num_bn: int) -> tuple[list[int], str]:
+    """Batch sizes for a source and a note when the count had to change.
+
+    DSG ties sample j to BN layer j mod L, so its batches hold a whole multiple of L samples
+    (``batch_multiple`` x L) and the image count is rounded up to whole batches.
+    """
+    if source != "dsg":
+        return batch_sizes(num_images, batch_size), ""
+    size = num_bn * int(cfg.get("batch_multiple", 1))
+    n = -(-num_images // size)
+    note = ""
+    if n * size != num_images:
+        note = (f"dsg: batches must hold {size} images ({cfg.get('batch_multiple', 1)} x {num_bn} BN layers); "
+                f"data.num_images={num_images} rounded up to {n * size}")
+    return [size] * n, note
+
+
+def generate_batch(source: str, model: nn.Module, shape: tuple[int, ...], seed: int, cfg: dict,
+                   device="cpu", desc: str = "") -> tuple[torch.Tensor, dict, dict | None]:
+    """One batch of a synthetic source: (images, info, extras to save beside it or None)."""
+    if source == "gaussian":
+        return gaussian_batch(shape, seed), {}, None
+    if source == "zeroq":
+        x, info = zeroq_batch(model, shape, seed, device=device, desc=desc, **cfg)
+        return x, info, None
+    if source == "dsg":
+        kw = {k: v for k, v in cfg.items() if k != "batch_multiple"}
+        return dsg_batch(model, shape, seed, device=device, desc=desc, **kw)
+    raise ValueError(f"generate source {source!r} is unknown; allowed: {', '.join(SOURCES)}")

@@ -26,9 +26,10 @@ def main() -> None:
             models.load_state_dict(model, load_torch(path), str(path))
         else:
             train = load_torch(Path(DATA, "train.pt"))
+            n = train_p.get("max_images") or len(train["labels"])
             print(f"training {model_p['arch']} ({models.count_bn(model)} BN layers) for {train_p['epochs']} epochs",
                   flush=True)
-            model = train_classifier(model, train["images"], train["labels"], spec, epochs=train_p["epochs"],
+            model = train_classifier(model, train["images"][:n], train["labels"][:n], spec, epochs=train_p["epochs"],
                                      batch_size=train_p["batch_size"], lr=train_p["lr"],
                                      weight_decay=train_p["weight_decay"], seed=train_p["seed"])
     except ValueError as exc:

@@ -1,6 +1,7 @@
 """Stage generate@<source>: calibration images in the model's normalised input space, one file per batch.
 
-Sources: gaussian (N(0, 1) noise), zeroq (BN-statistic matching), real (the data stage's subset).
+Sources: gaussian (N(0, 1) noise), zeroq (BN-statistic matching), dsg (slack margins + layerwise
+sample enhancement; its margins are saved beside each batch) and real (the data stage's subset).
 Batch i is made from the seed derived from (generate.seed, i), so batches are independent.
 """
 import sys
@@ -8,44 +9,45 @@ from pathlib import Path
 
 from stages._common import device, load_params, setup_torch
 
-SOURCES = ("gaussian", "zeroq", "real")
-
 
 def main(source: str) -> None:
-    if source not in SOURCES:
-        raise SystemExit(f"generate source {source!r} is unknown; allowed: {', '.join(SOURCES)}")
     data_p, gen_p = load_params("data", "generate")
-    cfg = gen_p[source]
     setup_torch()
     from tqdm import tqdm
 
     from dfq import generators
     from dfq.io import atomic_dir, load_torch, save_json, save_torch
-    from dfq.models import load_checkpoint
+    from dfq.models import count_bn, load_checkpoint
 
+    if source not in generators.SOURCES or source not in gen_p:
+        raise SystemExit(f"generate source {source!r} is unknown; allowed: {', '.join(generators.SOURCES)}")
+    cfg = gen_p[source]
     model, meta = load_checkpoint("models/fp32.pt")
     model.to(device())
-    sizes = generators.batch_sizes(data_p["num_images"], gen_p["batch_size"])
+    sizes, note = generators.plan_batches(source, data_p["num_images"], gen_p["batch_size"], cfg, count_bn(model))
+    if note:
+        print(note, flush=True)
     shape = tuple(meta["input_spec"]["shape"])
     real = load_torch("data/prepared/calib_real.pt") if source == "real" else None
     infos = []
     with atomic_dir(Path("data/calib", source)) as tmp:
         for i, n in enumerate(tqdm(sizes, desc=f"{source} batches")):
             seed = generators.batch_seed(gen_p["seed"], i)
-            if source == "gaussian":
-                x, info = generators.gaussian_batch((n, *shape), seed), {}
-            elif source == "real":
+            if source == "real":
                 start = sum(sizes[:i])
-                x, info = real[start : start + n].clone(), {}
+                x, info, extras = real[start : start + n].clone(), {}, None
             else:
-                x, info = generators.zeroq_batch(model, (n, *shape), seed, device=device(),
-                                                 desc=f"zeroq batch {i}", **cfg)
+                x, info, extras = generators.generate_batch(source, model, (n, *shape), seed, cfg, device(),
+                                                            desc=f"{source} batch {i}")
+            if info:
                 print(f"batch {i}: loss {info['loss_start']:.4g} -> {info['loss_end']:.4g} "
                       f"({info['seconds_per_iter'] * 1e3:.1f} ms/iter)", flush=True)
             save_torch(x.contiguous(), tmp / f"batch_{i:05d}.pt")
+            if extras is not None:
+                save_torch(extras, tmp / f"margins_{i:05d}.pt")
             infos.append({"batch": i, "seed": seed, "shape": list(x.shape), **info})
-        save_json({"method": source, "params": cfg, "seed": gen_p["seed"], "batch_size": gen_p["batch_size"],
-                   "num_images": sum(sizes), "batches": infos}, tmp / "meta.json")
+        save_json({"method": source, "params": cfg, "seed": gen_p["seed"], "batch_size": sizes[0],
+                   "num_images": sum(sizes), "note": note, "batches": infos}, tmp / "meta.json")
     print(f"{source}: {sum(sizes)} images in {len(sizes)} batches -> data/calib/{source}/")
 
 

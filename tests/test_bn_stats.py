@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from dfq.bn_stats import STD_EPS, BNInputStats, per_sample_stats
+
+
+def test_per_sample_stats_match_direct_computation():
+    a = torch.randn(3, 5, 7, 6)
+    m, s = per_sample_stats(a)
+    for b in range(3):
+        for c in range(5):
+            v = a[b, c].flatten()
+            assert torch.isclose(m[b, c], v.mean(), atol=1e-6)
+            assert torch.isclose(s[b, c], torch.sqrt(((v - v.mean()) ** 2).mean() + STD_EPS), atol=1e-6)
+
+
+def test_hooks_capture_bn_inputs(tiny_bn):
+    x = torch.randn(4, 1, 8, 8)
+    with BNInputStats(tiny_bn) as stats:
+        tiny_bn(x)
+    a1 = tiny_bn.conv1(x)
+    a2 = tiny_bn.conv2(torch.relu(tiny_bn.bn1(a1)))
+    for i, a in enumerate((a1, a2)):
+        assert torch.allclose(stats.means[i], a.mean((2, 3)), atol=1e-5)
+        assert torch.allclose(stats.stds[i], torch.sqrt(a.var((2, 3), unbiased=False) + STD_EPS), atol=1e-5)
+    bn = tiny_bn.bn2
+    assert torch.allclose(stats.running_std[1], torch.sqrt(bn.running_var + bn.eps))
+    assert torch.equal(stats.running_mean[1], bn.running_mean)
+
+
+def test_hooks_are_removed(tiny_bn):
+    with BNInputStats(tiny_bn):
+        pass
+    assert not tiny_bn.bn1._forward_pre_hooks
+
+
+def test_model_without_bn_gets_clear_error():
+    with pytest.raises(ValueError, match="no BatchNorm2d"):
+        BNInputStats(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU()))

@@ -1,0 +1,114 @@
+"""End to end: the real `dvc repro` in a temporary git clone of the project on tiny params.
+
+Checks the metrics files, the MLflow runs (real SQLite database), and DVC's granularity: which stages
+rerun after one param changes.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
+
+
+def sh(cmd, cwd, env=None):
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r.stdout + r.stderr
+
+
+def ran(output):
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def set_param(repo, key, value):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    node = params
+    *path, last = key.split(".")
+    for k in path:
+        node = node[k]
+    node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("clone")
+    files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT).split("\n")
+    for f in files:
+        if f and f != "dvc.lock" and not f.startswith(("metrics/", "reports/")) and (ROOT / f).is_file():
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    tiny = {"data.num_images": 8, "train.epochs": 1, "train.max_images": 2000, "generate.sources": ["zeroq"],
+            "generate.batch_size": 8, "generate.zeroq.iterations": 5, "quantize.bits": ["w8a8"],
+            "evaluate.batch_size": 2000}
+    for k, v in tiny.items():
+        set_param(repo, k, v)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+        sh(cmd, repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    e.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}", DVC_NO_ANALYTICS="1", TQDM_DISABLE="1",
+             MLFLOW_DISABLE_TELEMETRY="true")
+    return e
+
+
+def mlflow_runs(repo):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dfq")
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_repro_metrics_tracking_and_granularity(repo, env):
+    out = sh(["dvc", "repro"], repo, env)
+    assert ran(out) == {"data", "fp32", "generate@zeroq", "calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8",
+                        "report", "track"}
+    fp32 = json.loads((repo / "metrics/fp32.json").read_text())
+    cell = json.loads((repo / "metrics/eval/zeroq-w8a8.json").read_text())
+    assert set(fp32) == {"top1", "top5"} and 10 < fp32["top1"] <= 100
+    assert cell["source"] == "zeroq" and cell["bits"] == "w8a8" and 0 <= cell["top1"] <= 100
+    assert "| zeroq |" in (repo / "reports/results.md").read_text()
+    assert (repo / "reports/accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    meta = json.loads((repo / "data/calib/zeroq/meta.json").read_text())
+    assert meta["method"] == "zeroq" and meta["batches"][0]["loss_end"] < meta["batches"][0]["loss_start"]
+    assert "zeroq-w8a8.json" in sh(["dvc", "metrics", "show"], repo, env)
+
+    runs = mlflow_runs(repo)
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert tags["synthetic_data_md5"] == lock["stages"]["generate@zeroq"]["outs"][0]["md5"]
+    assert tags["git_commit"] == sh(["git", "rev-parse", "HEAD"], repo).strip()
+    assert runs[0].data.metrics["top1"] == pytest.approx(cell["top1"])
+
+    # nothing changed: nothing runs, and forcing the track stage logs no duplicate
+    assert ran(sh(["dvc", "repro"], repo, env)) == set()
+    assert "1 already logged" in sh(["dvc", "repro", "-f", "-s", "track"], repo, env)
+    assert len(mlflow_runs(repo)) == 1
+
+    # a quantization param reruns calibrate, evaluate, report and track only
+    set_param(repo, "quantize.act_method", "percentile")
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8", "report", "track"}
+    assert len(mlflow_runs(repo)) == 2
+
+    # a zeroq param reruns zeroq's generation and what follows, not data or fp32
+    set_param(repo, "generate.zeroq.iterations", 6)
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq", "calibrate@zeroq-w8a8",
+                                                     "evaluate@zeroq-w8a8", "report", "track"}
+    assert len(mlflow_runs(repo)) == 3
