@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-package repro test ui clean-tracking
+.PHONY: setup data-package repro test ui exp ablation
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,11 @@ test: setup
 
 ui:
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1
+
+# Run the pipeline under a params profile as a DVC experiment (profiles/*.yaml), e.g.
+#   make exp PROFILE=cifar10-resnet20      make ablation
+exp: setup
+	python -m stages.profile $(PROFILE)
+
+ablation: setup
+	python -m stages.profile ablation

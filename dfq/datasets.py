@@ -118,6 +118,80 @@ def calibration_subset(images: torch.Tensor, num_images: int, seed: int) -> torc
     return images[idx.sort().values]
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
+
+
+def folder_manifest(root: str | Path, param: str) -> dict:
+    """The files of an ImageFolder (<root>/<class>/<image>) as a manifest: classes, (path, label) pairs
+    and a fingerprint of names and sizes, so that DVC sees when the folder changes."""
+    import hashlib
+
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{param}={root}: not a folder")
+    try:
+        classes, class_to_idx = find_classes(str(root))
+        samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise FileNotFoundError(f"{param}={root}: not an ImageFolder (<dir>/<class>/<image>): {exc}") from exc
+    files = [[str(Path(p).relative_to(root)), label] for p, label in samples]
+    h = hashlib.sha256()
+    for (rel, label), (p, _) in zip(files, samples):
+        h.update(f"{rel}:{label}:{Path(p).stat().st_size}\n".encode())
+    return {"root": str(root), "classes": classes, "files": files, "fingerprint": h.hexdigest()}
+
+
+def folder_transform(spec: InputSpec, resize: int | None = None):
+    """Resize the shorter side to ``resize`` (None: the model's default, 0: no resize), center-crop to
+    the model's input size, to tensor, normalise."""
+    from torchvision import transforms as T
+
+    if resize is None:
+        resize = default_resize(spec)
+    steps = [T.Resize(resize)] if resize else []
+    return T.Compose([*steps, T.CenterCrop(spec.shape[1:]), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Images listed in a folder manifest, read with PIL and transformed like torchvision's ImageFolder."""
+
+    def __init__(self, manifest: dict, transform, channels: int = 3):
+        self.root, self.files, self.transform = Path(manifest["root"]), manifest["files"], transform
+        self.mode = "RGB" if channels == 3 else "L"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        rel, label = self.files[i]
+        with Image.open(self.root / rel) as img:
+            return self.transform(img.convert(self.mode)), label
+
+
+def default_resize(spec: InputSpec) -> int:
+    """ImageNet-size models: resize to 256/224 of the crop (256 for 224, 342 for 299); small models: none."""
+    size = spec.shape[1]
+    return 0 if size <= 64 else int(round(size * 256 / 224))
+
+
+def open_eval_dataset(eval_dir: str | Path, spec: InputSpec):
+    """The evaluation set written by the data stage: uint8 tensors (test.pt) or a folder manifest."""
+    import json
+
+    eval_dir = Path(eval_dir)
+    if (eval_dir / "test.pt").is_file():
+        from dfq.io import load_torch
+
+        test = load_torch(eval_dir / "test.pt")
+        return NormalizedTensorDataset(test["images"], test["labels"], spec)
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    return ManifestDataset(manifest, folder_transform(spec, manifest.get("resize")), spec.shape[0])
+
+
 class NormalizedTensorDataset(torch.utils.data.Dataset):
     """uint8 images + labels served as normalised float images (for DataLoader with workers)."""
 

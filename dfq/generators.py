@@ -192,19 +192,27 @@ def dsg_batch(
 SOURCES = ("gaussian", "zeroq", "dsg", "real")
 
 
+def method_of(source: str, cfg: dict) -> str:
+    """A source's generation method: its params group's ``method`` key, else its own name."""
+    method = cfg.get("method", source)
+    if method not in SOURCES:
+        raise ValueError(f"generate.{source}.method={method!r} is unknown; allowed: {', '.join(SOURCES)}")
+    return method
+
+
 def plan_batches(source: str, num_images: int, batch_size: int, cfg: dict, num_bn: int) -> tuple[list[int], str]:
     """Batch sizes for a source and a note when the count had to change.
 
     DSG ties sample j to BN layer j mod L, so its batches hold a whole multiple of L samples
     (``batch_multiple`` x L) and the image count is rounded up to whole batches.
     """
-    if source != "dsg":
+    if method_of(source, cfg) != "dsg":
         return batch_sizes(num_images, batch_size), ""
     size = num_bn * int(cfg.get("batch_multiple", 1))
     n = -(-num_images // size)
     note = ""
     if n * size != num_images:
-        note = (f"dsg: batches must hold {size} images ({cfg.get('batch_multiple', 1)} x {num_bn} BN layers); "
+        note = (f"{source}: batches must hold {size} images ({cfg.get('batch_multiple', 1)} x {num_bn} BN layers); "
                 f"data.num_images={num_images} rounded up to {n * size}")
     return [size] * n, note
 
@@ -212,12 +220,14 @@ def plan_batches(source: str, num_images: int, batch_size: int, cfg: dict, num_b
 def generate_batch(source: str, model: nn.Module, shape: tuple[int, ...], seed: int, cfg: dict,
                    device="cpu", desc: str = "") -> tuple[torch.Tensor, dict, dict | None]:
     """One batch of a synthetic source: (images, info, extras to save beside it or None)."""
-    if source == "gaussian":
+    method = method_of(source, cfg)
+    cfg = {k: v for k, v in cfg.items() if k != "method"}
+    if method == "gaussian":
         return gaussian_batch(shape, seed), {}, None
-    if source == "zeroq":
+    if method == "zeroq":
         x, info = zeroq_batch(model, shape, seed, device=device, desc=desc, **cfg)
         return x, info, None
-    if source == "dsg":
+    if method == "dsg":
         kw = {k: v for k, v in cfg.items() if k != "batch_multiple"}
         return dsg_batch(model, shape, seed, device=device, desc=desc, **kw)
-    raise ValueError(f"generate source {source!r} is unknown; allowed: {', '.join(SOURCES)}")
+    raise ValueError(f"generate source {source!r}: method {method!r} makes no synthetic batches here")

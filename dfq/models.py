@@ -54,15 +54,124 @@ class FMNISTResNet(nn.Module):
         return self.fc(self.features(x))
 
 
+class PadShortcut(nn.Module):
+    """The parameter-free "option A" shortcut: every second pixel, new channels zero-padded half
+    before and half after."""
+
+    def __init__(self, extra_channels: int):
+        super().__init__()
+        self.pad = extra_channels // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class CifarBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = PadShortcut(cout - cin) if (stride != 1 or cin != cout) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The standard CIFAR ResNet-(6n+2) (He et al. 2016) with option-A shortcuts; state-dict keys follow
+    the widely used akamaster layout (conv1, bn1, layer1..3, linear)."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin, stages = 16, []
+        for i, w in enumerate((16, 32, 64)):
+            blocks = []
+            for b in range(n):
+                blocks.append(CifarBlock(cin, w, 2 if (i > 0 and b == 0) else 1))
+                cin = w
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(64, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TORCHVISION_ARCHS = ("resnet18", "resnet50", "mobilenet_v2", "inception_v3", "shufflenet_v2_x1_0")
+
+
+def _torchvision(name: str):
+    def build(num_classes=1000):
+        import torchvision
+
+        kw = {"aux_logits": True, "init_weights": False} if name == "inception_v3" else {}
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kw)
+
+    return build
+
+
 ARCHS = {
     "fmnist_resnet": lambda num_classes=10: FMNISTResNet(1, num_classes),
+    **{f"cifar_resnet{d}": (lambda d: lambda num_classes=10: CifarResNet(d, num_classes))(d) for d in (20, 32, 44, 56)},
+    **{name: _torchvision(name) for name in TORCHVISION_ARCHS},
+}
+
+# What each family expects as input: (C, H, W), mean, std of the normalisation from [0, 1].
+INPUT_SPECS = {
+    "fmnist_resnet": {"shape": [1, 28, 28], "mean": [0.2860], "std": [0.3530]},
+    "cifar": {"shape": [3, 32, 32], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+    "imagenet": {"shape": [3, 224, 224], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+    "inception_v3": {"shape": [3, 299, 299], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
 }
 
 
+def input_spec(arch: str) -> dict | None:
+    """The input spec of a known arch (None for user models: the dataset's spec is used)."""
+    if arch.startswith("cifar_resnet"):
+        return INPUT_SPECS["cifar"]
+    if arch in INPUT_SPECS:
+        return INPUT_SPECS[arch]
+    if arch in TORCHVISION_ARCHS:
+        return INPUT_SPECS["imagenet"]
+    return None
+
+
 def build_model(arch: str, num_classes: int = 10) -> nn.Module:
+    """A registered arch, or any user model given as ``package.module:callable`` (called with no args)."""
+    if ":" in arch:
+        import importlib
+
+        mod_name, _, attr = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"model.arch={arch!r}: cannot import {attr!r} from {mod_name!r}: {exc}") from exc
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model.arch={arch!r} returned {type(model).__name__}, not an nn.Module")
+        return model
     if arch not in ARCHS:
-        raise ValueError(f"model.arch={arch!r} is unknown; allowed: {', '.join(sorted(ARCHS))}")
+        raise ValueError(f"model.arch={arch!r} is unknown; allowed: {', '.join(sorted(ARCHS))} or module:callable")
     return ARCHS[arch](num_classes=num_classes)
+
+
+def output_classes(model: nn.Module, spec: dict) -> int:
+    """Number of classes the model predicts (one forward pass of a zero image)."""
+    with torch.no_grad():
+        return int(model.eval()(torch.zeros(1, *spec["shape"])).shape[1])
 
 
 def count_bn(model: nn.Module) -> int:
@@ -100,3 +209,24 @@ def load_checkpoint(path) -> tuple[nn.Module, dict]:
         raise ValueError(f"{path}: not a dfq checkpoint (needs arch, num_classes, state_dict)")
     model = load_state_dict(build_model(ckpt["arch"], ckpt["num_classes"]), ckpt["state_dict"], str(path))
     return model.eval(), {k: v for k, v in ckpt.items() if k != "state_dict"}
+
+
+def check_classes(model: nn.Module, spec: dict, num_classes: int) -> None:
+    """A clear error when the model's output size differs from the dataset's class count."""
+    out = output_classes(model, spec)
+    if out != num_classes:
+        raise ValueError(f"class-count mismatch: the model predicts {out} classes but the dataset has {num_classes} "
+                         "(check model.arch/model.weights against data.*)")
+
+
+def load_torchvision_weights(model: nn.Module, arch: str) -> nn.Module:
+    """torchvision's default pretrained weights (from the torch hub cache; downloaded when online)."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        state = weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # offline with an empty hub cache, or an unknown arch
+        raise ValueError(f"model.weights=torchvision: cannot get pretrained {arch} weights ({exc}); put them in the "
+                         "torch hub cache or give model.weights a local file") from exc
+    return load_state_dict(model, state, f"torchvision {arch}")

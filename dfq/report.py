@@ -66,6 +66,32 @@ def plot_sample_grid(samples: dict[str, torch.Tensor], mean, std, path, per_row:
     _save(fig, path)
 
 
+def diversity_table(diversity: dict[str, dict]) -> str:
+    """Markdown table of the diversity diagnostics, one row per source."""
+    lines = ["| source | mean BN-stat spread (higher = more diverse) | feature cosine (lower = more diverse) | images |",
+             "|---|---|---|---|"]
+    for s, d in diversity.items():
+        lines.append(f"| {s} | {d['bn_spread_mean']:.3f} | {d['feature_cosine']:.3f} | {d['images']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bn_spread(diversity: dict[str, dict], path) -> None:
+    """Per-layer spread of per-sample BN statistics (std over samples / running std), per source."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for s, d in diversity.items():
+        ax.plot(range(len(d["bn_spread"])), d["bn_spread"], marker="o",
+                label=f"{s} (cos {d['feature_cosine']:.2f})")
+    ax.set_xlabel("BatchNorm layer")
+    ax.set_ylabel("spread of per-sample means / running std")
+    ax.set_title("Sample diversity per BN layer (homogenised data sits near 0)")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig, path) -> None:
     from dfq.io import atomic_path
 

@@ -1,39 +1,59 @@
-"""Stage data: Fashion-MNIST IDX files -> uint8 train/test tensors and the real calibration subset."""
-from stages._common import load_params, setup_torch
+"""Stage data: the evaluation set, the training set (embedded model only) and the real calibration subset.
+
+fashion_mnist: IDX files -> uint8 tensors (torchvision's reader). imagefolder: <dir>/<class>/<image>
+folders (CIFAR-10 JPEGs in ../shared, an ImageNet validation layout): read in place through a manifest,
+never copied. Outputs: data/prepared/{train,eval}/, calib_real.pt (normalised), meta.json.
+"""
+from stages._common import load_params, resolve_path, setup_torch
 
 OUT = "data/prepared"
 
 
 def main() -> None:
-    p = load_params("data")
-    setup_torch()
-    import os
+    p, model_p = load_params("data", "model")
+    torch = setup_torch()
     import tempfile
     from pathlib import Path
 
-    from dfq import datasets
+    from dfq import datasets as ds
     from dfq.io import atomic_dir, save_json, save_torch
+    from dfq.models import input_spec
 
-    if p["dataset"] != "fashion_mnist":
-        raise SystemExit(f"data.dataset={p['dataset']!r} is unknown; allowed: fashion_mnist")
-    root = Path(os.path.expanduser(p["root"]))
-    with tempfile.TemporaryDirectory(prefix="dfq-fmnist-") as cache:
-        print(f"reading Fashion-MNIST from {root}", flush=True)
-        try:
-            (xtr, ytr), (xte, yte) = datasets.load_fashion_mnist(root, cache, download=p["download"])
-        except FileNotFoundError as exc:
-            raise SystemExit(str(exc)) from None
-    spec = datasets.FASHION_MNIST_SPEC
-    calib = spec.normalize(datasets.calibration_subset(xtr, p["num_images"], p["seed"]))
     with atomic_dir(OUT) as tmp:
-        save_torch({"images": xtr, "labels": ytr}, tmp / "train.pt")
-        save_torch({"images": xte, "labels": yte}, tmp / "test.pt")
-        save_torch(calib, tmp / "calib_real.pt")
-        save_json({"dataset": p["dataset"], "num_classes": 10, "classes": list(datasets.FASHION_MNIST_CLASSES),
-                   "input_spec": spec.to_dict(), "train": len(ytr), "test": len(yte),
-                   "calib_real": list(calib.shape)}, tmp / "meta.json")
-    print(f"train {tuple(xtr.shape)}, test {tuple(xte.shape)}, real calibration subset {tuple(calib.shape)} "
-          f"(normalised) -> {OUT}/")
+        (tmp / "train").mkdir(), (tmp / "eval").mkdir()
+        if p["dataset"] == "fashion_mnist":
+            spec, classes = ds.FASHION_MNIST_SPEC, list(ds.FASHION_MNIST_CLASSES)
+            with tempfile.TemporaryDirectory(prefix="dfq-fmnist-") as cache:
+                print(f"reading Fashion-MNIST from {p['root']}", flush=True)
+                try:
+                    (xtr, ytr), (xte, yte) = ds.load_fashion_mnist(Path(p["root"]).expanduser(), cache, p["download"])
+                except FileNotFoundError as exc:
+                    raise SystemExit(str(exc)) from None
+            save_torch({"images": xtr, "labels": ytr}, tmp / "train" / "train.pt")
+            save_torch({"images": xte, "labels": yte}, tmp / "eval" / "test.pt")
+            calib = spec.normalize(ds.calibration_subset(xtr, p["num_images"], p["seed"]))
+        elif p["dataset"] == "imagefolder":
+            spec = ds.InputSpec.from_dict(input_spec(model_p["arch"]) or input_spec("resnet18"))
+            try:
+                test = ds.folder_manifest(resolve_path(p["test_dir"], "data.test_dir"), "data.test_dir")
+                train = ds.folder_manifest(resolve_path(p["train_dir"], "data.train_dir"), "data.train_dir")
+            except FileNotFoundError as exc:
+                raise SystemExit(str(exc)) from None
+            classes = test["classes"]
+            save_json({**test, "resize": p.get("resize")}, tmp / "eval" / "manifest.json")
+            save_json({**train, "resize": p.get("resize")}, tmp / "train" / "manifest.json")
+            pick = ds.calibration_subset(torch.arange(len(train["files"])), p["num_images"], p["seed"])
+            folder = ds.ManifestDataset(train, ds.folder_transform(spec, p.get("resize")), spec.shape[0])
+            calib = torch.stack([folder[int(i)][0] for i in pick])
+            xte = test["files"]
+        else:
+            raise SystemExit(f"data.dataset={p['dataset']!r} is unknown; allowed: fashion_mnist, imagefolder")
+        save_torch(calib.contiguous(), tmp / "calib_real.pt")
+        save_json({"dataset": p["dataset"], "num_classes": len(classes), "classes": classes,
+                   "input_spec": spec.to_dict(), "eval_images": len(xte), "calib_real": list(calib.shape)},
+                  tmp / "meta.json")
+    print(f"{p['dataset']}: {len(classes)} classes, {len(xte)} evaluation images, real calibration subset "
+          f"{tuple(calib.shape)} (normalised) -> {OUT}/")
 
 
 if __name__ == "__main__":

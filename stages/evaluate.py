@@ -8,7 +8,7 @@ from stages._common import device, load_params, setup_torch, workers
 def main(source: str, bits: str) -> None:
     p = load_params("evaluate")
     setup_torch()
-    from dfq.datasets import InputSpec, NormalizedTensorDataset
+    from dfq.datasets import InputSpec, open_eval_dataset
     from dfq.evaluate import evaluate, make_loader
     from dfq.io import load_torch, save_json
     from dfq.models import load_checkpoint
@@ -21,8 +21,7 @@ def main(source: str, bits: str) -> None:
     wbits, abits = parse_bits(bits)
     gm = load_calibrated(prepare(model, wbits, abits, MinMaxObserver), ckpt["state_dict"])
     spec = InputSpec.from_dict(meta["input_spec"])
-    test = load_torch("data/prepared/test.pt")
-    loader = make_loader(NormalizedTensorDataset(test["images"], test["labels"], spec), p["batch_size"], workers())
+    loader = make_loader(open_eval_dataset("data/prepared/eval", spec), p["batch_size"], workers())
     m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
     save_json({"top1": m["top1"], "top5": m["top5"], "source": source, "bits": bits},
               Path("metrics/eval") / f"{source}-{bits}.json")

@@ -1,4 +1,4 @@
-"""Stage fp32: train the embedded model (or load model.weights) and measure its FP32 accuracy."""
+"""Stage fp32: load model.weights (or train the embedded model) and measure its FP32 accuracy."""
 import json
 from pathlib import Path
 
@@ -11,33 +11,41 @@ def main() -> None:
     model_p, train_p, eval_p = load_params("model", "train", "evaluate")
     setup_torch()
     from dfq import models
-    from dfq.datasets import InputSpec, NormalizedTensorDataset
+    from dfq.datasets import InputSpec, open_eval_dataset
     from dfq.evaluate import evaluate, make_loader
-    from dfq.io import load_torch, save_json
+    from dfq.io import load_torch
     from dfq.train import train_classifier
 
     meta = json.loads(Path(DATA, "meta.json").read_text())
-    spec, num_classes = InputSpec.from_dict(meta["input_spec"]), meta["num_classes"]
+    spec, num_classes, arch = InputSpec.from_dict(meta["input_spec"]), meta["num_classes"], model_p["arch"]
     try:
-        model = models.build_model(model_p["arch"], num_classes)
-        if model_p.get("weights"):
-            path = resolve_path(model_p["weights"], "model.weights")
+        model = models.build_model(arch, num_classes)
+        weights = model_p.get("weights")
+        if weights == "torchvision":
+            print(f"loading torchvision's pretrained {arch} (torch hub cache, or a download when online)", flush=True)
+            models.load_torchvision_weights(model, arch)
+        elif weights:
+            path = resolve_path(weights, "model.weights")
             print(f"loading FP32 weights from {path}", flush=True)
             models.load_state_dict(model, load_torch(path), str(path))
-        else:
-            train = load_torch(Path(DATA, "train.pt"))
+        elif Path(DATA, "train", "train.pt").is_file():
+            train = load_torch(Path(DATA, "train", "train.pt"))
             n = train_p.get("max_images") or len(train["labels"])
-            print(f"training {model_p['arch']} ({models.count_bn(model)} BN layers) for {train_p['epochs']} epochs",
-                  flush=True)
+            print(f"training {arch} ({models.count_bn(model)} BN layers) for {train_p['epochs']} epochs", flush=True)
             model = train_classifier(model, train["images"][:n], train["labels"][:n], spec, epochs=train_p["epochs"],
                                      batch_size=train_p["batch_size"], lr=train_p["lr"],
                                      weight_decay=train_p["weight_decay"], seed=train_p["seed"])
+        else:
+            raise ValueError(f"model.weights is null but data.dataset={meta['dataset']!r} has no training tensors: "
+                             "give model.weights (a state-dict file, or 'torchvision')")
+        models.check_classes(model, spec.to_dict(), num_classes)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    test = load_torch(Path(DATA, "test.pt"))
-    loader = make_loader(NormalizedTensorDataset(test["images"], test["labels"], spec), eval_p["batch_size"], workers())
+    loader = make_loader(open_eval_dataset(Path(DATA, "eval"), spec), eval_p["batch_size"], workers())
     metrics = evaluate(model, loader, device(), desc="evaluate fp32")
-    models.save_checkpoint(model.cpu(), model_p["arch"], num_classes, spec.to_dict(), "models/fp32.pt")
+    models.save_checkpoint(model.cpu(), arch, num_classes, spec.to_dict(), "models/fp32.pt")
+    from dfq.io import save_json
+
     save_json({"top1": metrics["top1"], "top5": metrics["top5"]}, "metrics/fp32.json")
     print(f"FP32 top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
 

@@ -20,11 +20,15 @@ def main() -> None:
             if not path.is_file():
                 raise SystemExit(f"{path}: missing (run the evaluate@{s}-{b} stage first)")
             results[(s, b)] = json.loads(path.read_text())
+    diversity = {s: json.loads((Path("metrics/diversity") / f"{s}.json").read_text()) for s in sources}
     table = report.results_table(fp32, results, sources, bits)
     report.write_text("# Results\n\nTop-1 % (top-5 % in brackets) on the test set, per calibration source "
                       "and bit-width (weights/activations).\n\n" + table
-                      + "\n![accuracy vs bits](accuracy_vs_bits.png)\n\n![samples](samples.png)\n", "reports/results.md")
+                      + "\n![accuracy vs bits](accuracy_vs_bits.png)\n\n## Diversity of the calibration sets\n\n"
+                      + report.diversity_table(diversity)
+                      + "\n![BN-statistic spread](bn_spread.png)\n\n![samples](samples.png)\n", "reports/results.md")
     report.plot_accuracy_vs_bits(fp32, results, sources, bits, "reports/accuracy_vs_bits.png")
+    report.plot_bn_spread(diversity, "reports/bn_spread.png")
     spec = json.loads(Path("data/prepared/meta.json").read_text())["input_spec"]
     samples = {s: load_torch(sorted(Path("data/calib", s).glob("batch_*.pt"))[0])[:8] for s in sources}
     report.plot_sample_grid(samples, spec["mean"], spec["std"], "reports/samples.png")

@@ -8,7 +8,7 @@ import yaml
 
 from stages._common import load_params
 
-ARTIFACTS = ["reports/results.md", "reports/accuracy_vs_bits.png", "reports/samples.png"]
+ARTIFACTS = ["reports/results.md", "reports/accuracy_vs_bits.png", "reports/bn_spread.png", "reports/samples.png"]
 
 
 def lock_md5(lock: dict, stage: str, path: str) -> str:
@@ -31,6 +31,7 @@ def main() -> None:
     for s in gen_p["sources"]:
         for b in quant_p["bits"]:
             m = json.loads((Path("metrics/eval") / f"{s}-{b}.json").read_text())
+            div = json.loads((Path("metrics/diversity") / f"{s}.json").read_text())
             data_md5 = lock_md5(lock, f"generate@{s}", f"data/calib/{s}")
             params = {"source": s, "bits": b, "data": data_p, "model": model_p,
                       "train": {} if model_p.get("weights") else train_p,
@@ -39,7 +40,9 @@ def main() -> None:
             cells.append(tracking.Cell(
                 run_name=f"{s}-{b}", params=params,
                 metrics={"top1": m["top1"], "top5": m["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
-                         "top1_drop": fp32["top1"] - m["top1"]},
+                         "top1_drop": fp32["top1"] - m["top1"], "bn_spread_mean": div["bn_spread_mean"],
+                         "feature_cosine": div["feature_cosine"],
+                         **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}},
                 tags={"git_commit": commit or "unknown", "dvc_stage": os.environ.get("DVC_STAGE", "track"),
                       "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "source": s, "bits": b,
                       "synthetic_data_md5": data_md5, "fp32_model_md5": fp32_md5},

@@ -77,13 +77,15 @@ def mlflow_runs(repo):
 
 def test_repro_metrics_tracking_and_granularity(repo, env):
     out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == {"data", "fp32", "generate@zeroq", "calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8",
-                        "report", "track"}
+    assert ran(out) == {"data", "fp32", "generate@zeroq", "diversity@zeroq", "calibrate@zeroq-w8a8",
+                        "evaluate@zeroq-w8a8", "report", "track"}
     fp32 = json.loads((repo / "metrics/fp32.json").read_text())
     cell = json.loads((repo / "metrics/eval/zeroq-w8a8.json").read_text())
     assert set(fp32) == {"top1", "top5"} and 10 < fp32["top1"] <= 100
     assert cell["source"] == "zeroq" and cell["bits"] == "w8a8" and 0 <= cell["top1"] <= 100
     assert "| zeroq |" in (repo / "reports/results.md").read_text()
+    div = json.loads((repo / "metrics/diversity/zeroq.json").read_text())
+    assert len(div["bn_spread"]) == 9 and -1 <= div["feature_cosine"] <= 1
     assert (repo / "reports/accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
     meta = json.loads((repo / "data/calib/zeroq/meta.json").read_text())
     assert meta["method"] == "zeroq" and meta["batches"][0]["loss_end"] < meta["batches"][0]["loss_start"]
@@ -109,6 +111,6 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
 
     # a zeroq param reruns zeroq's generation and what follows, not data or fp32
     set_param(repo, "generate.zeroq.iterations", 6)
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq", "calibrate@zeroq-w8a8",
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq", "diversity@zeroq", "calibrate@zeroq-w8a8",
                                                      "evaluate@zeroq-w8a8", "report", "track"}
     assert len(mlflow_runs(repo)) == 3
