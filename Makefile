@@ -26,6 +26,7 @@ data-package:
 setup: $(VENV)/.installed data-package
 
 repro: setup
+	python -m stages.validate
 	dvc repro
 
 test: setup

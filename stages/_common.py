@@ -13,15 +13,32 @@ import yaml
 PARAMS_FILE = "params.yaml"
 
 
-def load_params(*groups: str) -> dict | list:
-    """The named top-level groups of params.yaml (one group -> its dict)."""
+def roots() -> list[Path]:
+    """Where relative input paths resolve: the working directory, then DVC_ROOT / DFQ_ROOT."""
+    return [Path.cwd(), *(Path(os.environ[v]) for v in ("DVC_ROOT", "DFQ_ROOT") if v in os.environ)]
+
+
+def read_params() -> dict:
+    """params.yaml, validated as a whole against dfq.schema (one clear error naming the bad keys)."""
+    from dfq.schema import ParamsError, check_paths, validate
+
     path = Path(PARAMS_FILE)
     if not path.is_file():
         raise SystemExit(f"{PARAMS_FILE} not found in {Path.cwd()} (run stages from the repo root)")
-    params = yaml.safe_load(path.read_text()) or {}
-    missing = [g for g in groups if g not in params]
-    if missing:
-        raise SystemExit(f"{PARAMS_FILE}: missing group(s) {', '.join(missing)}")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"{PARAMS_FILE}: not valid YAML: {exc}") from None
+    try:
+        check_paths(validate(params), roots())
+    except ParamsError as exc:
+        raise SystemExit(str(exc)) from None
+    return params
+
+
+def load_params(*groups: str) -> dict | list:
+    """The named top-level groups of the validated params.yaml (one group -> its dict)."""
+    params = read_params()
     return params[groups[0]] if len(groups) == 1 else [params[g] for g in groups]
 
 
@@ -47,7 +64,7 @@ def resolve_path(path: str | os.PathLike, param: str) -> Path:
     """An input path from params: as given, else relative to DVC_ROOT (queued experiments run in a temp
     copy where ../shared does not exist), else a clear error naming the param."""
     p = Path(os.path.expandvars(str(path))).expanduser()
-    candidates = [p] if p.is_absolute() else [p, *(Path(os.environ[v]) / p for v in ("DVC_ROOT", "DFQ_ROOT") if v in os.environ)]
+    candidates = [p] if p.is_absolute() else [r / p for r in roots()]
     for c in candidates:
         if c.exists():
             return c

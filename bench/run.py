@@ -1,0 +1,101 @@
+"""Benchmark: accuracy and speed side by side for one params profile -> reports/bench.md.
+
+    python -m bench.run                       # default pipeline (dvc repro), then the timings
+    python -m bench.run --profile cifar10-resnet20
+    python -m bench.run --skip-pipeline       # time the workspace's current results only
+
+Ratios printed: generation time per iteration / forward+backward with frozen weights (target <= 1.3)
+and / forward+backward with weight gradients (the official code's cost); fake-quant eval time / FP32
+eval time (target <= 1.5). Not part of the test suite.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import yaml
+
+from dfq import benchmark as B
+from dfq.datasets import InputSpec, open_eval_dataset
+from dfq.generators import compute_margins, gaussian_batch, plan_batches
+from dfq.io import load_torch, save_text
+from dfq.losses import dsg_loss, lse_weights
+from dfq.models import count_bn, load_checkpoint
+from dfq.observers import MinMaxObserver
+from dfq.quantize import load_calibrated, prepare
+from dfq.quantizers import parse_bits
+from dfq.report import results_table
+
+
+def run_pipeline(profile: str) -> None:
+    cmd = ["dvc", "repro"] if profile == "default" else ["python", "-m", "stages.profile", profile]
+    print("running:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
+    ap.add_argument("--out", default="reports/bench.md")
+    args = ap.parse_args()
+    dev = os.environ.get("DFQ_DEVICE", "cpu")
+    if not args.skip_pipeline:
+        run_pipeline(args.profile)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    sources, bits = params["generate"]["sources"], params["quantize"]["bits"]
+    fp32 = json.loads(Path("metrics/fp32.json").read_text())
+    results = {(s, b): json.loads(Path(f"metrics/eval/{s}-{b}.json").read_text()) for s in sources for b in bits}
+
+    model, meta = load_checkpoint("models/fp32.pt")
+    spec = InputSpec.from_dict(meta["input_spec"])
+    rows = []
+    for method in ("zeroq", "dsg"):
+        cfg = params["generate"].get(method, {})
+        sizes, _ = plan_batches(method, params["data"]["num_images"], params["generate"]["batch_size"], cfg,
+                                count_bn(model))
+        x = gaussian_batch((sizes[0], *spec.shape), 0)
+        loss_fn = None
+        if method == "dsg":
+            margins = compute_margins(model, x.shape, 0, cfg.get("eps", 0.9), cfg.get("per_channel", False), dev)
+            w = lse_weights(len(x), count_bn(model), cfg.get("lse_weight", 2.0)).to(dev)
+            loss_fn = lambda x_, st, m=margins, w=w: dsg_loss(x_, st, m, w)  # noqa: E731
+        gen = B.generation_iter_time(model, x, **({"loss_fn": loss_fn} if loss_fn else {}), iters=args.iters, device=dev)
+        frozen = B.fwd_bwd_floor(model, x, False, args.iters, dev)
+        full = B.fwd_bwd_floor(model, x, True, args.iters, dev)
+        its = cfg.get("iterations", 500)
+        rows.append((method, len(x), gen, frozen, full, len(x) / (gen * its)))
+
+    loader = torch.utils.data.DataLoader(open_eval_dataset("data/prepared/eval", spec), batch_size=500)
+    batches = [xb for _, (xb, _) in zip(range(4), loader)]
+    t_fp32 = B.eval_time(model, batches, dev)
+    qs, qb = sources[0], bits[-1]
+    gm = load_calibrated(prepare(model, *parse_bits(qb), MinMaxObserver),
+                         load_torch(f"models/quant/{qs}-{qb}.pt")["state_dict"])
+    t_fq = B.eval_time(gm, batches, dev)
+    n_eval = sum(len(b) for b in batches)
+
+    lines = [f"# Benchmark: profile `{args.profile}`", "",
+             f"Model `{meta['arch']}`, device `{dev}` ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads), torch {torch.__version__}.", "",
+             "## Accuracy (top-1 %, top-5 in brackets)", "", results_table(fp32, results, sources, bits),
+             "## Generation speed", "",
+             "| method | batch | s/iter | / fwd+bwd frozen weights (target <= 1.3) | / fwd+bwd with weight grads | images/s |",
+             "|---|---|---|---|---|---|"]
+    for method, n, gen, frozen, full, ips in rows:
+        lines.append(f"| {method} | {n} | {gen:.4f} | {gen / frozen:.2f} | {gen / full:.2f} | {ips:.2f} |")
+    lines += ["", "## Evaluation speed", "",
+              "| model | s per {} images | ratio to FP32 (target <= 1.5) |".format(n_eval), "|---|---|---|",
+              f"| FP32 | {t_fp32:.3f} | 1.00 |", f"| fake-quant {qs}-{qb} | {t_fq:.3f} | {t_fq / t_fp32:.2f} |", "",
+              f"Peak memory of this process: {B.peak_memory_mb(dev):.0f} MiB "
+              f"({'CUDA allocated' if dev.startswith('cuda') else 'resident set size'}).", ""]
+    save_text("\n".join(lines), args.out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

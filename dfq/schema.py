@@ -1,0 +1,231 @@
+"""One typed schema for params.yaml (pydantic). Stages validate the whole file before any work.
+
+``validate(params)`` returns the parsed model or raises ``ParamsError`` whose message names every
+offending key and says what is allowed. ``check_paths`` and ``check_model`` add the checks that
+need the file system or the model. The library never reads params.yaml itself: callers pass the dict.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dfq.generators import INITS, SOURCES
+from dfq.observers import ACT_METHODS
+from dfq.quantizers import parse_bits
+
+PosInt = Field(gt=0)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class Data(Strict):
+    dataset: Literal["fashion_mnist", "imagefolder"]
+    root: str = "/usr/share/datasets/fashion-mnist"
+    download: bool = False
+    test_dir: Optional[str] = None
+    train_dir: Optional[str] = None
+    resize: Optional[int] = Field(default=None, ge=0)
+    num_images: int = PosInt
+    seed: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def folders_given(self):
+        if self.dataset == "imagefolder" and not (self.test_dir and self.train_dir):
+            raise ValueError("data.dataset=imagefolder needs data.test_dir and data.train_dir")
+        return self
+
+
+class Model(Strict):
+    arch: str
+    weights: Optional[str] = None
+
+    @field_validator("arch")
+    @classmethod
+    def known_arch(cls, v: str) -> str:
+        from dfq.models import ARCHS
+
+        if ":" not in v and v not in ARCHS:
+            raise ValueError(f"unknown arch {v!r}; allowed: {', '.join(sorted(ARCHS))} or package.module:callable")
+        return v
+
+
+class Train(Strict):
+    epochs: int = PosInt
+    batch_size: int = PosInt
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    seed: int = Field(ge=0)
+    max_images: Optional[int] = Field(default=None, gt=0)
+
+
+class Optim(Strict):
+    method: Optional[Literal["zeroq", "dsg"]] = None
+    iterations: int = PosInt
+    lr: float = Field(gt=0)
+    patience: int = Field(ge=0)
+    min_lr: float = Field(ge=0)
+    init: str = "gaussian"
+
+    @field_validator("init")
+    @classmethod
+    def known_init(cls, v: str) -> str:
+        if v not in INITS:
+            raise ValueError(f"unknown init {v!r}; allowed: {', '.join(INITS)}")
+        return v
+
+
+class DSG(Optim):
+    sda: bool = True
+    eps: float = Field(ge=0, le=1)
+    per_channel: bool = False
+    lse: bool = True
+    lse_weight: float = Field(ge=1)
+    batch_multiple: int = PosInt
+
+
+class Plain(Strict):
+    method: Optional[Literal["gaussian", "real"]] = None
+
+
+class Generate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    sources: list[str] = Field(min_length=1)
+    batch_size: int = PosInt
+    seed: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def source_groups(self):
+        extra = self.model_extra or {}
+        for name in self.sources:
+            if name not in extra:
+                raise ValueError(f"generate.sources: source {name!r} has no params group generate.{name}")
+        for name, group in extra.items():
+            if not isinstance(group, dict):
+                raise ValueError(f"generate.{name}: must be a mapping (a source's params group)")
+            method = group.get("method", name)
+            if method not in SOURCES:
+                raise ValueError(f"generate.{name}.method: unknown method {method!r}; allowed: {', '.join(SOURCES)}")
+            schema = {"dsg": DSG, "zeroq": Optim}.get(method, Plain)
+            try:
+                schema.model_validate(group)
+            except ValidationError as exc:
+                raise ValueError(_format(exc, prefix=f"generate.{name}.")) from None
+        return self
+
+
+class Quantize(Strict):
+    bits: list[str] = Field(min_length=1)
+    act_method: str
+    percentile: float = Field(gt=50, le=100)
+    ema_momentum: float = Field(ge=0, lt=1)
+
+    @field_validator("bits")
+    @classmethod
+    def valid_bits(cls, v: list[str]) -> list[str]:
+        for b in v:
+            parse_bits(b)
+        if len(set(v)) != len(v):
+            raise ValueError("bit-widths repeat")
+        return v
+
+    @field_validator("act_method")
+    @classmethod
+    def known_method(cls, v: str) -> str:
+        if v not in ACT_METHODS:
+            raise ValueError(f"unknown act_method {v!r}; allowed: {', '.join(ACT_METHODS)}")
+        return v
+
+
+class Evaluate(Strict):
+    batch_size: int = PosInt
+
+
+class Track(Strict):
+    experiment: str = Field(min_length=1)
+
+
+class Params(Strict):
+    data: Data
+    model: Model
+    train: Train
+    generate: Generate
+    quantize: Quantize
+    evaluate: Evaluate
+    track: Track
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _format(exc: ValidationError, prefix: str = "") -> str:
+    msgs = []
+    for e in exc.errors():
+        loc = prefix + ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
+        if loc and msg.startswith(loc + "."):  # a nested group's message already names its key
+            msgs.append(msg)
+        else:
+            msgs.append(f"{loc or '<root>'}: {msg}{got}")
+    return "; ".join(msgs)
+
+
+def validate(params: dict, source: str = "params.yaml") -> Params:
+    """Parse and check the whole params dict; one ParamsError naming every offending key."""
+    if not isinstance(params, dict):
+        raise ParamsError(f"{source}: expected a mapping of parameter groups")
+    try:
+        return Params.model_validate(params)
+    except ValidationError as exc:
+        raise ParamsError(f"{source}: {_format(exc)}") from None
+    except ValueError as exc:  # parse_bits inside a validator
+        raise ParamsError(f"{source}: {exc}") from None
+
+
+def resolve(path: str, roots: list[Path]) -> Path | None:
+    p = Path(os.path.expandvars(path)).expanduser()
+    for c in ([p] if p.is_absolute() else [r / p for r in roots]):
+        if c.exists():
+            return c
+    return None
+
+
+def check_paths(p: Params, roots: list[Path]) -> None:
+    """Every input path given in params exists and is readable (relative paths against ``roots``)."""
+    todo = []
+    if p.data.dataset == "imagefolder":
+        todo += [("data.test_dir", p.data.test_dir), ("data.train_dir", p.data.train_dir)]
+    if p.model.weights and p.model.weights != "torchvision":
+        todo.append(("model.weights", p.model.weights))
+    for key, value in todo:
+        found = resolve(value, roots)
+        if found is None:
+            raise ParamsError(f"params.yaml: {key}={value}: not found (looked relative to {', '.join(map(str, roots))})")
+        if not os.access(found, os.R_OK):
+            raise ParamsError(f"params.yaml: {key}={value}: not readable")
+    if p.model.weights is None and p.data.dataset != "fashion_mnist":
+        raise ParamsError("params.yaml: model.weights is null, but training is only built in for data.dataset="
+                          "fashion_mnist: give model.weights (a file, or 'torchvision')")
+
+
+def check_model(p: Params) -> None:
+    """A model without BatchNorm cannot feed BN-statistic sources (zeroq, dsg)."""
+    from dfq.models import build_model, count_bn
+
+    bn_sources = [s for s in p.generate.sources
+                  if (p.generate.model_extra or {})[s].get("method", s) in ("zeroq", "dsg")]
+    if not bn_sources:
+        return
+    try:
+        model = build_model(p.model.arch, 10)
+    except ValueError as exc:
+        raise ParamsError(f"params.yaml: {exc}") from None
+    if count_bn(model) == 0:
+        raise ParamsError(f"params.yaml: model.arch={p.model.arch!r} has no BatchNorm layers, but generate.sources "
+                          f"asks for BN-statistic sources {bn_sources}: use gaussian or real only")

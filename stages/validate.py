@@ -1,0 +1,17 @@
+"""Check params.yaml before `dvc repro` starts: schema, paths, and BN layers for BN-based sources."""
+from stages._common import read_params
+
+
+def main() -> None:
+    params = read_params()
+    from dfq.schema import ParamsError, check_model, validate
+
+    try:
+        check_model(validate(params))
+    except ParamsError as exc:
+        raise SystemExit(str(exc)) from None
+    print("params.yaml: valid")
+
+
+if __name__ == "__main__":
+    main()

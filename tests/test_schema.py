@@ -1,0 +1,124 @@
+"""At least 30 distinct bad inputs, each rejected with a message naming the param and what is allowed."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dfq.schema import ParamsError, check_model, check_paths, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(key, value):
+    p = copy.deepcopy(GOOD)
+    node = p
+    *path, last = key.split(".")
+    for k in path:
+        node = node[k]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return p
+
+
+DELETE = object()
+
+BAD = [
+    ("data.bogus", 1, "data.bogus: Extra inputs"),
+    ("data.dataset", "mnist", "data.dataset: Input should be 'fashion_mnist' or 'imagefolder'"),
+    ("data.num_images", 0, "data.num_images: Input should be greater than 0"),
+    ("data.num_images", -5, "data.num_images: Input should be greater than 0"),
+    ("data.num_images", "many", "data.num_images: Input should be a valid integer"),
+    ("data.seed", -1, "data.seed: Input should be greater than or equal to 0"),
+    ("data.resize", -3, "data.resize: Input should be greater than or equal to 0"),
+    ("data.download", "maybe", "data.download: Input should be a valid boolean"),
+    ("data.dataset", "imagefolder", "imagefolder needs data.test_dir and data.train_dir"),
+    ("data.num_images", DELETE, "data.num_images: Field required"),
+    ("model.arch", "resnet9000", "model.arch: unknown arch 'resnet9000'; allowed:"),
+    ("model.weights", 5, "model.weights: Input should be a valid string"),
+    ("train.epochs", 0, "train.epochs: Input should be greater than 0"),
+    ("train.batch_size", -1, "train.batch_size: Input should be greater than 0"),
+    ("train.lr", 0, "train.lr: Input should be greater than 0"),
+    ("train.max_images", 0, "train.max_images: Input should be greater than 0"),
+    ("generate.batch_size", 0, "generate.batch_size: Input should be greater than 0"),
+    ("generate.sources", [], "generate.sources: List should have at least 1 item"),
+    ("generate.sources", ["zeroq", "nope"], "source 'nope' has no params group generate.nope"),
+    ("generate.zeroq.iterations", 0, "generate.zeroq.iterations: Input should be greater than 0"),
+    ("generate.zeroq.iterations", 1.5, "generate.zeroq.iterations: Input should be a valid integer"),
+    ("generate.zeroq.lr", -0.5, "generate.zeroq.lr: Input should be greater than 0"),
+    ("generate.zeroq.init", "uniform", "generate.zeroq.init: unknown init 'uniform'; allowed: gaussian, zeroq_uniform"),
+    ("generate.zeroq.extra", 1, "generate.zeroq.extra: Extra inputs"),
+    ("generate.dsg.eps", 1.5, "generate.dsg.eps: Input should be less than or equal to 1"),
+    ("generate.dsg.eps", -0.1, "generate.dsg.eps: Input should be greater than or equal to 0"),
+    ("generate.dsg.batch_multiple", 0, "generate.dsg.batch_multiple: Input should be greater than 0"),
+    ("generate.dsg.lse_weight", 0.5, "generate.dsg.lse_weight: Input should be greater than or equal to 1"),
+    ("generate.dsg.sda", "yes please", "generate.dsg.sda: Input should be a valid boolean"),
+    ("generate.dsg.method", "magic", "generate.dsg.method: unknown method 'magic'"),
+    ("generate.gaussian", 3, "generate.gaussian: must be a mapping"),
+    ("quantize.bits", ["w9a8"], "bits='w9a8' is invalid; expected 'w<B>a<B>' with B in 2..8"),
+    ("quantize.bits", ["w1a1"], "bits='w1a1' is invalid"),
+    ("quantize.bits", ["w8a8", "w8a8"], "quantize.bits: bit-widths repeat"),
+    ("quantize.bits", [], "quantize.bits: List should have at least 1 item"),
+    ("quantize.act_method", "max", "quantize.act_method: unknown act_method 'max'; allowed: minmax, ema, percentile, mse"),
+    ("quantize.percentile", 120, "quantize.percentile: Input should be less than or equal to 100"),
+    ("quantize.ema_momentum", 1.0, "quantize.ema_momentum: Input should be less than 1"),
+    ("evaluate.batch_size", 0, "evaluate.batch_size: Input should be greater than 0"),
+    ("track.experiment", "", "track.experiment: String should have at least 1 character"),
+    ("track", DELETE, "track: Field required"),
+]
+
+
+def test_defaults_are_valid():
+    validate(GOOD)
+
+
+@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD])
+def test_bad_input_is_named(key, value, message):
+    with pytest.raises(ParamsError) as err:
+        validate(with_change(key, value))
+    assert message in str(err.value)
+    assert str(err.value).startswith("params.yaml: ")
+
+
+def test_at_least_30_bad_inputs():
+    assert len(BAD) >= 30
+
+
+def test_not_a_mapping():
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        validate(["data"])
+
+
+def test_missing_paths_are_named(tmp_path):
+    p = with_change("model.weights", "nowhere/w.pt")
+    with pytest.raises(ParamsError, match="model.weights=nowhere/w.pt: not found"):
+        check_paths(validate(p), [tmp_path])
+    p = with_change("data.dataset", "imagefolder")
+    p["data"].update(test_dir="missing/test", train_dir="missing/train", )
+    p["model"]["weights"] = "torchvision"
+    with pytest.raises(ParamsError, match="data.test_dir=missing/test: not found"):
+        check_paths(validate(p), [tmp_path])
+
+
+def test_imagefolder_without_weights_cannot_train(tmp_path):
+    (tmp_path / "t").mkdir()
+    p = with_change("data.dataset", "imagefolder")
+    p["data"].update(test_dir="t", train_dir="t")
+    with pytest.raises(ParamsError, match="model.weights is null"):
+        check_paths(validate(p), [tmp_path])
+
+
+def no_bn_model():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+
+
+def test_model_without_bn_for_bn_sources():
+    p = with_change("model.arch", "tests.test_schema:no_bn_model")
+    with pytest.raises(ParamsError, match="has no BatchNorm layers.*gaussian or real"):
+        check_model(validate(p))
+    p["generate"]["sources"] = ["gaussian", "real"]
+    check_model(validate(p))
