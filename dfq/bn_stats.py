@@ -17,9 +17,20 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-def per_sample_stats(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and std over the spatial dimensions of a (B, C, H, W) tensor."""
-    var, mean = torch.var_mean(a.flatten(2), dim=2, correction=0)
+def per_sample_stats(a: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and std over the spatial dimensions of a (B, C, H, W) tensor.
+
+    Computed as E[y] and E[y^2] - E[y]^2 of y = a - shift (two vectorised reductions whose backward is
+    cheap; torch.var_mean was 2-3x slower on CPU, forward + backward). ``shift`` (per channel, e.g. the
+    BN running mean) keeps the subtraction well conditioned.
+    """
+    flat = a.flatten(2)
+    if shift is not None:
+        flat = flat - shift.view(1, -1, 1)
+    mean = flat.mean(2)
+    var = ((flat * flat).mean(2) - mean * mean).clamp_min(0)
+    if shift is not None:
+        mean = mean + shift
     return mean, torch.sqrt(var + STD_EPS)
 
 
@@ -49,7 +60,7 @@ class BNInputStats:
 
     def _make_hook(self, i: int):
         def hook(module, inputs):
-            self.means[i], self.stds[i] = per_sample_stats(inputs[0])
+            self.means[i], self.stds[i] = per_sample_stats(inputs[0], self.running_mean[i])
 
         return hook
 

@@ -52,10 +52,17 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, byte-for-byte reproducible: torch names the archive's inner folder after the file,
+    so saving straight to a random temp name would make equal tensors give different bytes (and DVC
+    would see a changed output). We serialise to memory under a fixed name, then write atomically."""
+    import io
+
     import torch
 
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
 def save_text(text: str, path: str | os.PathLike) -> None:

@@ -9,7 +9,7 @@ DATA = "data/prepared"
 
 def main() -> None:
     model_p, train_p, eval_p = load_params("model", "train", "evaluate")
-    setup_torch()
+    torch = setup_torch()
     from dfq import models
     from dfq.datasets import InputSpec, open_eval_dataset
     from dfq.evaluate import evaluate, make_loader
@@ -19,6 +19,7 @@ def main() -> None:
     meta = json.loads(Path(DATA, "meta.json").read_text())
     spec, num_classes, arch = InputSpec.from_dict(meta["input_spec"]), meta["num_classes"], model_p["arch"]
     try:
+        torch.manual_seed(train_p["seed"])  # the weight init too, so training is reproducible
         model = models.build_model(arch, num_classes)
         weights = model_p.get("weights")
         if weights == "torchvision":

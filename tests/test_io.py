@@ -49,3 +49,13 @@ def test_missing_file(tmp_path):
         load_torch(tmp_path / "nope.pt")
 
 
+
+
+def test_save_torch_is_byte_reproducible(tmp_path):
+    from dfq.io import save_torch
+
+    x = {"images": torch.arange(1000, dtype=torch.uint8)}
+    save_torch(x, tmp_path / "a.pt")
+    save_torch(x, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert torch.equal(load_torch(tmp_path / "a.pt")["images"], x["images"])
