@@ -50,8 +50,25 @@ def weight_qparams(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     return qparams_from_range(flat.min(1).values, flat.max(1).values, bits)
 
 
-class QuantConv2d(nn.Conv2d):
-    """A Conv2d whose weight is fake-quantized per output channel in every forward pass."""
+class _WeightFakeQuant:
+    """Per-channel weight fake-quant, recomputed only when the weight or its qparams change: the
+    quantized weight is cached against the tensors' version counters (in-place updates bump them),
+    so inference does not pay for re-quantizing frozen weights on every batch."""
+
+    def quantized_weight(self) -> torch.Tensor:
+        key = (self.weight._version, self.weight_scale._version, self.weight_zero_point._version,
+               self.weight.data_ptr())
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, axis=0)
+        if getattr(self, "_wq_key", None) != key:
+            with torch.no_grad():
+                self._wq = fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, axis=0)
+            self._wq_key = key
+        return self._wq
+
+
+class QuantConv2d(_WeightFakeQuant, nn.Conv2d):
+    """A Conv2d whose weight is fake-quantized per output channel (asymmetric, min-max)."""
 
     def __init__(self, conv: nn.Conv2d, bits: int):
         super().__init__(
@@ -64,15 +81,12 @@ class QuantConv2d(nn.Conv2d):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zp)
 
-    def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, axis=0)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
-class QuantLinear(nn.Linear):
-    """A Linear whose weight is fake-quantized per output channel in every forward pass."""
+class QuantLinear(_WeightFakeQuant, nn.Linear):
+    """A Linear whose weight is fake-quantized per output channel (asymmetric, min-max)."""
 
     def __init__(self, linear: nn.Linear, bits: int):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None)
@@ -81,9 +95,6 @@ class QuantLinear(nn.Linear):
         scale, zp = weight_qparams(self.weight, bits)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zp)
-
-    def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, axis=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -106,7 +117,10 @@ class ActFakeQuantize(nn.Module):
         if self.observing:
             self.observer(x)
             return x
-        return fake_quantize(x, self.scale, self.zero_point, self.bits)
+        key = (self.scale._version, self.zero_point._version, self.scale.data_ptr())
+        if getattr(self, "_qp_key", None) != key:  # python scalars for the fused op, read once
+            self._qp, self._qp_key = (float(self.scale), int(self.zero_point)), key
+        return torch.fake_quantize_per_tensor_affine(x, self._qp[0], self._qp[1], 0, 2**self.bits - 1)
 
     def freeze(self) -> None:
         lo, hi = self.observer.calculate_range(self.bits)
