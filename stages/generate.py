@@ -3,17 +3,22 @@
 Sources: gaussian (N(0, 1) noise), zeroq (BN-statistic matching), dsg (slack margins + layerwise
 sample enhancement; its margins are saved beside each batch) and real (the data stage's subset).
 Batch i is made from the seed derived from (generate.seed, i), so batches are independent.
+DFQ_GEN_PROCS=N (environment, not a param) shards the batches over N torchrun processes; finished
+batches survive a kill in .dfq-scratch/ and a rerun makes only the missing ones.
 """
+import os
 import sys
 from pathlib import Path
 
 from stages._common import device, load_params, setup_torch
 
+CODE = ["dfq/generators.py", "dfq/losses.py", "dfq/bn_stats.py", "dfq/sharding.py", "stages/generate.py"]
+
 
 def main(source: str) -> None:
     data_p, gen_p = load_params("data", "generate")
-    setup_torch()
-    from dfq import generators
+    torch = setup_torch()
+    from dfq import generators, sharding
     from dfq.io import load_torch
     from dfq.models import count_bn, load_checkpoint
 
@@ -31,39 +36,43 @@ def main(source: str) -> None:
         print(note, flush=True)
     shape = tuple(meta["input_spec"]["shape"])
     real = load_torch("data/prepared/calib_real.pt") if method == "real" else None
+    key = sharding.scratch_key({"source": source, "cfg": cfg, "seed": gen_p["seed"], "sizes": sizes, "shape": shape,
+                                "threads": torch.get_num_threads()}, ["models/fp32.pt", *CODE])
+    scratch = Path(".dfq-scratch", "generate", f"{source}-{key}")
+    rank, size = sharding.world()
+    sharding.init(device())
     try:
-        write_batches(source, method, cfg, gen_p, sizes, shape, model, real, note)
+        mine = sharding.my_batches(len(sizes), rank, size)
+        done = [i for i in mine if sharding.finished(scratch, i)]
+        if done:
+            print(f"resuming: {len(done)} of {len(mine)} batches already made in {scratch}", flush=True)
+        sharding.make_batches(source, cfg, gen_p["seed"], sizes, shape, model, real, scratch,
+                              [i for i in mine if i not in done], device())
+        sharding.barrier()
+        if rank == 0:
+            sharding.assemble(Path("data/calib", source), {"source": source, "method": method, "params": cfg,
+                              "seed": gen_p["seed"], "batch_size": sizes[0], "note": note}, len(sizes), scratch)
     except (ValueError, FloatingPointError) as exc:
         raise SystemExit(f"generate@{source}: {exc} (nothing was written)") from None
-    print(f"{source}: {sum(sizes)} images in {len(sizes)} batches -> data/calib/{source}/")
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise SystemExit(f"generate@{source}: out of memory with batches of {sizes[0]} images ({exc.__class__.__name__}): "
+                         "lower generate.batch_size (or generate.<source>.batch_multiple for dsg), or run on a "
+                         "device with more memory; nothing was written") from None
+    finally:
+        sharding.finish()
+    if rank == 0:
+        print(f"{source}: {sum(sizes)} images in {len(sizes)} batches -> data/calib/{source}/")
 
 
-def write_batches(source, method, cfg, gen_p, sizes, shape, model, real, note) -> None:
-    from tqdm import tqdm
-
-    from dfq import generators
-    from dfq.io import atomic_dir, save_json, save_torch
-
-    infos = []
-    with atomic_dir(Path("data/calib", source)) as tmp:
-        for i, n in enumerate(tqdm(sizes, desc=f"{source} batches")):
-            seed = generators.batch_seed(gen_p["seed"], i)
-            if method == "real":
-                start = sum(sizes[:i])
-                x, info, extras = real[start : start + n].clone(), {}, None
-            else:
-                x, info, extras = generators.generate_batch(source, model, (n, *shape), seed, cfg, device(),
-                                                            desc=f"{source} batch {i}")
-            if info:
-                print(f"batch {i}: loss {info['loss_start']:.4g} -> {info['loss_end']:.4g} "
-                      f"({info['seconds_per_iter'] * 1e3:.1f} ms/iter)", flush=True)
-            save_torch(x.contiguous(), tmp / f"batch_{i:05d}.pt")
-            if extras is not None:
-                save_torch(extras, tmp / f"margins_{i:05d}.pt")
-            infos.append({"batch": i, "seed": seed, "shape": list(x.shape), **info})
-        save_json({"source": source, "method": method, "params": cfg, "seed": gen_p["seed"], "batch_size": sizes[0],
-                   "num_images": sum(sizes), "note": note, "batches": infos}, tmp / "meta.json")
+def launch(source: str) -> None:
+    """DFQ_GEN_PROCS=N > 1 outside torchrun: relaunch this stage under torchrun with N processes."""
+    procs = int(os.environ.get("DFQ_GEN_PROCS", "1") or 1)
+    if procs > 1 and "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("DFQ_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
+        os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={procs}", "-m", "stages.generate", source])
+    main(source)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    launch(sys.argv[1] if len(sys.argv) > 1 else "")

@@ -104,6 +104,15 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert "1 already logged" in sh(["dvc", "repro", "-f", "-s", "track"], repo, env)
     assert len(mlflow_runs(repo)) == 1
 
+    # MLflow unreachable: the track stage fails with advice, outputs stay, and the rerun logs once
+    down = {**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+    r = subprocess.run([sys.executable, "-m", "stages.track"], cwd=repo, env=down, capture_output=True, text=True)
+    assert r.returncode != 0 and "cannot reach the MLflow tracking store" in r.stderr and "rerun" in r.stderr
+    assert (repo / "metrics/eval/zeroq-w8a8.json").is_file() and (repo / "reports/results.md").is_file()
+    sh([sys.executable, "-m", "stages.track"], repo, env)
+    assert len(mlflow_runs(repo)) == 1
+
     # a quantization param reruns calibrate, evaluate, report and track only
     set_param(repo, "quantize.act_method", "percentile")
     assert ran(sh(["dvc", "repro"], repo, env)) == {"calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8", "report", "track"}

@@ -1,0 +1,108 @@
+"""Sharded, resumable generation: whole batches per process, finished batches kept on disk.
+
+- Sharding: under ``torchrun`` (RANK / WORLD_SIZE set) each rank takes the batches i with
+  i % world_size == rank; a batch is never split (DSG ties the samples of a batch together) and is
+  seeded from (seed, i) alone, so the dataset does not depend on the number of processes (with the
+  same device and thread count per process). gloo on CPU, NCCL on GPU.
+- Resume: every finished batch is written atomically into a scratch folder keyed by a hash of
+  everything that determines it (source params, seed, batch plan, input shape, the model file and
+  the generation code). A killed run leaves only finished batches there (a partial file is a
+  ``.tmp`` that is never read), and the rerun makes only the missing ones. Batches made under other
+  params have another key and are never reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device: str) -> None:
+    rank, size = world()
+    if size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def finish() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def my_batches(num_batches: int, rank: int, size: int) -> list[int]:
+    return [i for i in range(num_batches) if i % size == rank]
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scratch_key(spec: dict, files: list[str | os.PathLike]) -> str:
+    """Hash of a JSON-able description plus the contents of ``files`` (model, code)."""
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for f in files:
+        h.update(f"{Path(f).name}:{file_md5(f)}".encode())
+    return h.hexdigest()[:16]
+
+
+def finished(scratch: Path, i: int) -> bool:
+    """A batch is finished when its info file exists: it is written last, after the tensors."""
+    return (scratch / f"info_{i:05d}.json").is_file()
+
+
+def make_batches(source, cfg, base_seed, sizes, shape, model, real, scratch: Path, todo, device="cpu") -> None:
+    """Make the batches in ``todo`` into the scratch folder (each file atomic, the info file last)."""
+    from tqdm import tqdm
+
+    from dfq import generators
+    from dfq.io import save_json, save_torch
+
+    for i in tqdm(todo, desc=f"{source} batches"):
+        seed = generators.batch_seed(base_seed, i)
+        if real is not None:
+            start = sum(sizes[:i])
+            x, info, extras = real[start : start + sizes[i]].clone(), {}, None
+        else:
+            x, info, extras = generators.generate_batch(source, model, (sizes[i], *shape), seed, cfg, device,
+                                                        desc=f"{source} batch {i}")
+        if info:
+            print(f"batch {i}: loss {info['loss_start']:.4g} -> {info['loss_end']:.4g} "
+                  f"({info['seconds_per_iter'] * 1e3:.1f} ms/iter)", flush=True)
+        save_torch(x.contiguous(), scratch / f"batch_{i:05d}.pt")
+        if extras is not None:
+            save_torch(extras, scratch / f"margins_{i:05d}.pt")
+        save_json({"batch": i, "seed": seed, "shape": list(x.shape), **info}, scratch / f"info_{i:05d}.json")
+
+
+def assemble(out: Path, meta: dict, num_batches: int, scratch: Path) -> None:
+    """Copy the finished batches into the stage output (atomically) and drop the scratch folder."""
+    import shutil
+
+    from dfq.io import atomic_dir, save_json
+
+    with atomic_dir(out) as tmp:
+        infos = []
+        for i in range(num_batches):
+            for name in (f"batch_{i:05d}.pt", f"margins_{i:05d}.pt"):
+                if (scratch / name).is_file():
+                    shutil.copyfile(scratch / name, tmp / name)
+            infos.append(json.loads((scratch / f"info_{i:05d}.json").read_text()))
+        num_images = sum(info["shape"][0] for info in infos)
+        save_json({**meta, "num_images": num_images, "batches": infos}, tmp / "meta.json")
+    shutil.rmtree(scratch)
