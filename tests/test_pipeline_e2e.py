@@ -131,3 +131,19 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq", "diversity@zeroq", "calibrate@zeroq-w8a8",
                                                      "evaluate@zeroq-w8a8", "report", "track"}
     assert len(mlflow_runs(repo)) == 3
+
+
+def test_share_through_the_default_remote(repo, env, tmp_path):
+    """dvc push --run-cache from one clone; a fresh clone pulls and reproduces without generating."""
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], repo)
+    sh(["dvc", "push", "--run-cache"], repo, env)
+    remote = (repo / ".dvc" / "../../dfq-dvc-remote").resolve()
+    assert any(remote.rglob("*")), "nothing was pushed to the default local remote"
+    clone = tmp_path / "second"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    # the clone's default remote resolves beside the clone: point it at the producer's remote
+    sh(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], clone, env)
+    out = sh(["dvc", "repro", "--pull"], clone, env)
+    assert not ran(out) & {"data", "fp32", "generate@zeroq", "calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8"}, out
+    assert len(list((clone / "data/calib/zeroq").glob("batch_*.pt"))) == 1
