@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-package repro test ui exp ablation
+.PHONY: setup data-package repro test ui exp ablation sweep
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,12 @@ exp: setup
 
 ablation: setup
 	python -m stages.profile ablation
+
+# A parameter sweep as queued DVC experiments, two at a time; every run lands in the same MLflow DB
+# (created first: several workers creating a fresh SQLite DB at once would race).
+SWEEP ?= -S 'generate.dsg.eps=0.5,0.8,0.9' -S 'quantize.bits=[w4a4],[w6a6]'
+sweep: setup
+	mlflow db upgrade sqlite:///$(abspath mlflow.db)
+	dvc exp run --queue $(SWEEP)
+	dvc queue start -j 2
+	@echo "follow with: dvc queue status; then: dvc exp show"

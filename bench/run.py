@@ -41,8 +41,9 @@ def main() -> None:
     ap.add_argument("--profile", default="default")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
-    ap.add_argument("--out", default="reports/bench.md")
+    ap.add_argument("--out", default=None, help="default: reports/bench.md, reports/bench-<profile>.md")
     args = ap.parse_args()
+    args.out = args.out or ("reports/bench.md" if args.profile == "default" else f"reports/bench-{args.profile}.md")
     dev = os.environ.get("DFQ_DEVICE", "cpu")
     if not args.skip_pipeline:
         run_pipeline(args.profile)

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,26 @@ def test_share_through_the_default_remote(repo, env, tmp_path):
     out = sh(["dvc", "repro", "--pull"], clone, env)
     assert not ran(out) & {"data", "fp32", "generate@zeroq", "calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8"}, out
     assert len(list((clone / "data/calib/zeroq").glob("batch_*.pt"))) == 1
+
+
+def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
+    """`dvc exp run --queue` over a grid + `dvc queue start -j 2`: experiments run in temp copies and
+    all log to the main repo's SQLite database (absolute path from DVC_ROOT)."""
+    before = len(mlflow_runs(repo))
+    sh(["mlflow", "db", "upgrade", f"sqlite:///{repo / 'mlflow.db'}"], repo, env)  # create before workers
+    sh(["dvc", "exp", "run", "--queue", "-S", "generate.dsg.eps=0.5,0.9", "-S", "generate.sources=[dsg]",
+        "-S", "generate.dsg.iterations=5", "-S", "generate.dsg.batch_multiple=1"], repo, env)
+    sh(["dvc", "queue", "start", "-j", "2"], repo, env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = sh(["dvc", "queue", "status"], repo, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert status.count("Success") >= 2, status
+    runs = mlflow_runs(repo)
+    assert len(runs) == before + 2
+    names = {r.data.tags["dvc_exp_name"] for r in runs[: len(runs) - before]}
+    assert len(names) == 2 and "workspace" not in names
+    shown = sh(["dvc", "exp", "show", "--no-pager", "--md"], repo, {**env, "COLUMNS": "400"})
+    assert all(n in shown for n in names)
