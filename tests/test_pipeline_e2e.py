@@ -171,3 +171,59 @@ def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
     assert len(names) == 2 and "workspace" not in names
     shown = sh(["dvc", "exp", "show", "--no-pager", "--md"], repo, {**env, "COLUMNS": "400"})
     assert all(n in shown for n in names)
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1, started here and stopped by its pid."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_share_through_an_s3_remote(repo, env, tmp_path, s3_server):
+    pytest.importorskip("dvc_s3")
+    boto3 = pytest.importorskip("boto3")
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    s3env = {**env, **creds}
+    s3 = boto3.client("s3", endpoint_url=s3_server, **{k.lower(): v for k, v in creds.items() if "KEY" in k},
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket="dfq-cache")
+
+    def use_s3(where):
+        sh(["dvc", "remote", "add", "--local", "-f", "team", "s3://dfq-cache/dfq"], where, s3env)
+        sh(["dvc", "remote", "modify", "--local", "team", "endpointurl", s3_server], where, s3env)
+        sh(["dvc", "remote", "default", "--local", "team"], where, s3env)
+
+    sh(["git", "add", "-A"], repo)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode:
+        sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], repo)
+    use_s3(repo)
+    sh(["dvc", "push", "--run-cache"], repo, s3env)
+    assert s3.list_objects_v2(Bucket="dfq-cache").get("KeyCount", 0) > 0
+    clone = tmp_path / "s3clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    use_s3(clone)
+    out = sh(["dvc", "repro", "--pull"], clone, s3env)
+    assert not ran(out) & {"data", "fp32", "generate@zeroq", "calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8"}, out
+    assert list((clone / "data/calib/zeroq").glob("batch_*.pt"))
