@@ -214,18 +214,35 @@ def check_paths(p: Params, roots: list[Path]) -> None:
                           "fashion_mnist: give model.weights (a file, or 'torchvision')")
 
 
-def check_model(p: Params) -> None:
-    """A model without BatchNorm cannot feed BN-statistic sources (zeroq, dsg)."""
-    from dfq.models import build_model, count_bn
+def dataset_classes(p: Params, roots: list[Path]) -> int:
+    """Class count of the configured dataset (Fashion-MNIST: 10; ImageFolder: its class folders)."""
+    if p.data.dataset == "fashion_mnist":
+        return 10
+    folder = resolve(p.data.test_dir, roots)
+    return sum(1 for d in folder.iterdir() if d.is_dir()) if folder else 0
 
+
+def check_model(p: Params, roots: list[Path] | None = None) -> None:
+    """The model's class count matches the dataset's (weights included when given as a file), and a
+    model without BatchNorm is not asked to feed BN-statistic sources (zeroq, dsg)."""
+    from dfq.io import load_torch
+    from dfq.models import build_model, check_classes, count_bn, input_spec, load_state_dict
+
+    roots = roots or [Path.cwd()]
+    classes = dataset_classes(p, roots)
+    try:
+        model = build_model(p.model.arch, classes or 10)
+        weights = p.model.weights and p.model.weights != "torchvision" and resolve(p.model.weights, roots)
+        if weights:
+            load_state_dict(model, load_torch(weights), f"model.weights={p.model.weights}")
+        spec = input_spec(p.model.arch) or (input_spec("fmnist_resnet") if p.data.dataset == "fashion_mnist"
+                                            else input_spec("resnet18"))
+        if classes:
+            check_classes(model, spec, classes)
+    except (ValueError, RuntimeError) as exc:
+        raise ParamsError(f"params.yaml: {exc}") from None
     bn_sources = [s for s in p.generate.sources
                   if (p.generate.model_extra or {})[s].get("method", s) in ("zeroq", "dsg")]
-    if not bn_sources:
-        return
-    try:
-        model = build_model(p.model.arch, 10)
-    except ValueError as exc:
-        raise ParamsError(f"params.yaml: {exc}") from None
-    if count_bn(model) == 0:
+    if bn_sources and count_bn(model) == 0:
         raise ParamsError(f"params.yaml: model.arch={p.model.arch!r} has no BatchNorm layers, but generate.sources "
                           f"asks for BN-statistic sources {bn_sources}: use gaussian or real only")

@@ -1,5 +1,5 @@
 """Check params.yaml before `dvc repro` starts: schema, paths, and BN layers for BN-based sources."""
-from stages._common import read_params
+from stages._common import read_params, roots
 
 
 def main() -> None:
@@ -7,7 +7,7 @@ def main() -> None:
     from dfq.schema import ParamsError, check_model, validate
 
     try:
-        check_model(validate(params))
+        check_model(validate(params), roots())
     except ParamsError as exc:
         raise SystemExit(str(exc)) from None
     print("params.yaml: valid")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from dfq.models import build_model
 from dfq.schema import ParamsError, check_model, check_paths, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,24 @@ def test_imagefolder_without_weights_cannot_train(tmp_path):
     p["data"].update(test_dir="t", train_dir="t")
     with pytest.raises(ParamsError, match="model.weights is null"):
         check_paths(validate(p), [tmp_path])
+
+
+def ten_to_three():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
+def test_class_count_mismatch_before_repro(tmp_path):
+    p = with_change("model.arch", "tests.test_schema:ten_to_three")
+    with pytest.raises(ParamsError, match="model predicts 3 classes but the dataset has 10"):
+        check_model(validate(p), [tmp_path])
+    # weights of a 1000-class head for a 10-class dataset
+    w = tmp_path / "w.pt"
+    torch.save({"state_dict": build_model("cifar_resnet20", 1000).state_dict()}, w)
+    p = with_change("model.arch", "cifar_resnet20")
+    p["model"]["weights"] = "w.pt"
+    with pytest.raises(ParamsError, match="model.weights=w.pt: weights do not match"):
+        check_model(validate(p), [tmp_path])
 
 
 def no_bn_model():
