@@ -8,7 +8,7 @@ from stages._common import device, load_params, setup_torch
 def main(source: str, bits: str) -> None:
     q = load_params("quantize")
     setup_torch()
-    from dfq.io import load_torch, save_json, save_torch
+    from dfq.io import load_torch, save_torch
     from dfq.models import load_checkpoint
     from dfq.observers import make_observer
     from dfq.quantize import calibrate, prepare, summary
