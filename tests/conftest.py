@@ -36,3 +36,28 @@ def tiny_bn():
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
     return m.eval()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test server."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, timeout: float, what: str) -> None:
+    """Poll ``url`` until it answers; fail the test if ``proc`` dies or ``timeout`` seconds pass."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail(f"{what} did not come up within {timeout:.0f} s")
+            time.sleep(0.3)

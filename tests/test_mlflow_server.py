@@ -2,24 +2,16 @@
 through MLFLOW_TRACKING_URI=http://... and stays idempotent."""
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port, wait_for_http
 from dfq.tracking import Cell, log_cells
 
 mlflow = pytest.importorskip("mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -33,15 +25,7 @@ def server(tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not come up within 120 s")
-                time.sleep(0.5)
+        wait_for_http(url + "/health", proc, 120, "mlflow server")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
