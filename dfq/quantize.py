@@ -1,10 +1,18 @@
-"""Turning an FP32 model into a fake-quant model under the ZeroQ/DSG protocol (torch.ao style steps).
+"""Turning an FP32 model into a fake-quant model (torch.ao style steps), under one of two protocols.
 
-``prepare`` traces the model with torch.fx (the model is wrapped, not rewritten), swaps every Conv2d
-and Linear for its weight-fake-quant twin (per-channel asymmetric, target bits, first and last layer
-included, no BN folding) and inserts an activation fake-quant after every ReLU/ReLU6, whether it is
-an ``nn.ReLU`` module, ``F.relu``/``torch.relu`` or a ``.relu()`` method call. ``calibrate`` runs
-calibration batches through the observers and ``freeze`` fixes the activation ranges.
+``prepare`` traces the model with torch.fx, one level at a time: the top-level graph keeps every
+*unit* (a residual block or other custom sub-module with weights, see ``find_blocks``) as one call,
+and each unit is traced into its own GraphModule. The model is wrapped, not rewritten, and each unit
+can run on its own, which block reconstruction (reconstruction.py) needs. In every graph:
+
+- protocol ``zeroq`` (ZeroQ/DSG): no BN folding; every Conv2d/Linear gets per-channel fake-quant
+  weights at the target bits, first and last layer included; an activation fake-quant follows every
+  ReLU/ReLU6, whether an ``nn.ReLU`` module, ``F.relu``/``torch.relu`` or a ``.relu()`` call.
+- protocol ``brecq`` (BRECQ/QDrop): BatchNorm folded into the preceding conv; an activation fake-quant
+  on the input of every Conv2d/Linear (one per distinct input tensor); the first and the last weight
+  layer, weights and input, at 8 bits.
+
+``calibrate`` runs calibration batches through the observers and freezes the activation ranges.
 """
 from __future__ import annotations
 
@@ -14,13 +22,17 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from dfq.quantizers import ActFakeQuantize, QuantConv2d, QuantLinear
 
+PROTOCOLS = ("zeroq", "brecq")
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
 RELU_FUNCTIONS = {F.relu, F.relu6, F.relu_, torch.relu, torch.relu_}
 RELU_METHODS = {"relu", "relu_"}
+WEIGHT_TYPES = (nn.Conv2d, nn.Linear)
+QUANT_TYPES = (QuantConv2d, QuantLinear)
 
 
 class NothingQuantizedError(RuntimeError):
@@ -37,40 +49,133 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _swap_module(gm: nn.Module, name: str, new: nn.Module) -> None:
+def _swap_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[], nn.Module]) -> fx.GraphModule:
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the reconstruction units: walking down from the root through nn.Sequential and
+    nn.ModuleList containers, the first module of any other class that holds a Conv2d/Linear
+    (a torchvision BasicBlock/Bottleneck/InvertedResidual, a CIFAR ResNet block, a user's block)."""
+    blocks: list[str] = []
+
+    def walk(mod: nn.Module, prefix: str) -> None:
+        for name, child in mod.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, (nn.Sequential, nn.ModuleList)):
+                walk(child, full + ".")
+            elif not isinstance(child, WEIGHT_TYPES) and any(isinstance(m, WEIGHT_TYPES) for m in child.modules()):
+                blocks.append(full)
+
+    walk(model, "")
+    return blocks
+
+
+class _UnitTracer(fx.Tracer):
+    def __init__(self, leaves: set[int]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module, leaves: set[int] = frozenset()) -> fx.GraphModule:
+    tracer = _UnitTracer(set(leaves))
+    return fx.GraphModule(module, tracer.trace(module), module.__class__.__name__)
+
+
+def _fold_bn(gm: fx.GraphModule) -> int:
+    """Fold every BatchNorm2d that directly and solely consumes a Conv2d's output into that conv."""
+    modules = dict(gm.named_modules())
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and type(modules.get(src.target)) is nn.Conv2d):
+            continue
+        _swap_module(gm, src.target, fuse_conv_bn_eval(modules[src.target].eval(), modules[node.target].eval()))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        n += 1
+    gm.delete_all_unused_submodules()
+    return n
+
+
+def _insert_act(gm: fx.GraphModule, after: fx.Node, users: list[fx.Node], bits: int, observer: nn.Module,
+                index: int) -> str:
+    name = f"act_fq_{index}"
+    gm.add_submodule(name, ActFakeQuantize(bits, observer))
+    anchor = users[0] if after.op == "placeholder" else after
+    with (gm.graph.inserting_before(anchor) if after.op == "placeholder" else gm.graph.inserting_after(anchor)):
+        fq = gm.graph.call_module(name, (after,))
+    for user in users:
+        user.replace_input_with(after, fq)
+    return name
+
+
+def _weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    modules = dict(gm.named_modules())
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), WEIGHT_TYPES)]
+
+
+def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[], nn.Module],
+            protocol: str = "zeroq", weight_scheme: str = "asymmetric") -> fx.GraphModule:
     """A traced copy of ``model`` with fake-quant weights and observing activation quantizers."""
-    gm = fx.symbolic_trace(copy.deepcopy(model).eval())
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"quantize.protocol={protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
+    model = copy.deepcopy(model).eval()
+    blocks = find_blocks(model)
+    gm = _trace(model, {id(model.get_submodule(b)) for b in blocks})
+    graphs = [("", gm)]
+    for b in blocks:
+        sub = _trace(gm.get_submodule(b))
+        _swap_module(gm, b, sub)
+        graphs.append((b, sub))
+    if protocol == "brecq":
+        for _, g in graphs:
+            _fold_bn(g)
+    # first and last weight layer in execution order (units expanded in place)
+    order: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in blocks:
+            order += [f"{node.target}.{n.target}" for n in _weight_nodes(gm.get_submodule(node.target))]
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), WEIGHT_TYPES):
+            order.append(node.target)
+    if not order:
+        raise NothingQuantizedError("nothing to quantize: the model has no Conv2d/Linear layers")
+    edge = {order[0], order[-1]} if protocol == "brecq" else set()
+    n_acts = 0
+    for prefix, g in graphs:
+        modules = dict(g.named_modules())
+        if protocol == "zeroq":
+            for node in [n for n in g.graph.nodes if _is_relu(n, modules)]:
+                _insert_act(g, node, list(node.users), abits, make_observer(), n_acts)
+                n_acts += 1
+        else:
+            consumers: dict[fx.Node, list[fx.Node]] = {}
+            for node in _weight_nodes(g):
+                consumers.setdefault(node.args[0], []).append(node)
+            for src, users in consumers.items():
+                full = {f"{prefix}.{u.target}" if prefix else u.target for u in users}
+                _insert_act(g, src, users, 8 if full & edge else abits, make_observer(), n_acts)
+                n_acts += 1
+        g.graph.lint()
+        g.recompile()
     n_weights = 0
     for name, mod in list(gm.named_modules()):
-        if type(mod) is nn.Conv2d:
-            _swap_module(gm, name, QuantConv2d(mod, wbits))
+        if type(mod) in WEIGHT_TYPES:
+            cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
+            _swap_module(gm, name, cls(mod, 8 if name in edge else wbits, weight_scheme))
             n_weights += 1
-        elif type(mod) is nn.Linear:
-            _swap_module(gm, name, QuantLinear(mod, wbits))
-            n_weights += 1
-    modules = dict(gm.named_modules())
-    n_acts = 0
-    for node in list(gm.graph.nodes):
-        if not _is_relu(node, modules):
-            continue
-        fq_name = f"act_fq_{n_acts}"
-        gm.add_submodule(fq_name, ActFakeQuantize(abits, make_observer()))
-        with gm.graph.inserting_after(node):
-            fq = gm.graph.call_module(fq_name, (node,))
-        node.replace_all_uses_with(fq, delete_user_cb=lambda user: user is not fq)
-        n_acts += 1
-    if n_weights == 0 or n_acts == 0:
+    if n_acts == 0:
         raise NothingQuantizedError(
-            f"nothing to quantize: found {n_weights} Conv2d/Linear layers and {n_acts} ReLU activations "
-            "(the ZeroQ/DSG protocol quantizes conv/linear weights and activations after ReLU/ReLU6)"
+            f"nothing to quantize: found {n_weights} Conv2d/Linear layers and no activations to quantize "
+            "(protocol zeroq quantizes activations after ReLU/ReLU6; protocol brecq the input of every conv/linear)"
         )
-    gm.graph.lint()
-    gm.recompile()
     return gm
 
 
@@ -79,13 +184,23 @@ def act_quantizers(gm: nn.Module) -> list[ActFakeQuantize]:
 
 
 def weight_quantized_layers(gm: nn.Module) -> list[nn.Module]:
-    return [m for m in gm.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    return [m for m in gm.modules() if isinstance(m, QUANT_TYPES)]
+
+
+def set_quant_state(gm: nn.Module, weights: bool, acts: bool) -> None:
+    """Switch weight and activation fake-quant on or off (off: full precision) in the whole model."""
+    for m in weight_quantized_layers(gm):
+        m.weight_quant = weights
+    for fq in act_quantizers(gm):
+        fq.enabled = acts
 
 
 @torch.no_grad()
 def calibrate(gm: nn.Module, batches: Iterable[torch.Tensor], device="cpu", desc: str = "calibrate") -> int:
     """Feed calibration batches through the observers, then freeze every activation range."""
     gm.eval().to(device)
+    for fq in act_quantizers(gm):
+        fq.enabled = fq.observing = True
     n = 0
     for x in tqdm(batches, desc=desc, leave=False):
         gm(x.to(device))
@@ -108,7 +223,19 @@ def load_calibrated(gm: nn.Module, state: dict) -> nn.Module:
     return gm.eval()
 
 
+def load_quantized(model: nn.Module, ckpt: dict) -> nn.Module:
+    """The fake-quant model saved by the calibrate stage: prepared with the checkpoint's own bits and
+    protocol (older checkpoints: the zeroq protocol), then loaded."""
+    from dfq.observers import MinMaxObserver
+    from dfq.quantizers import parse_bits
+
+    gm = prepare(model, *parse_bits(ckpt["bits"]), MinMaxObserver, ckpt.get("protocol", "zeroq"),
+                 ckpt.get("weight_scheme", "asymmetric"))
+    return load_calibrated(gm, ckpt["state_dict"])
+
+
 def summary(gm: nn.Module) -> dict:
-    return {"weight_layers": len(weight_quantized_layers(gm)), "act_quantizers": len(act_quantizers(gm))}
-
-
+    layers = weight_quantized_layers(gm)
+    return {"weight_layers": len(layers), "act_quantizers": len(act_quantizers(gm)),
+            "weight_bits": sorted({m.weight_bits for m in layers}),
+            "act_bits": sorted({fq.bits for fq in act_quantizers(gm)})}

@@ -1,9 +1,12 @@
 """Quantizers and fake-quant modules (torch.ao naming), built on PyTorch's fused fake-quant ops.
 
-Asymmetric uniform quantization with b bits: q = clamp(round(x / s) + z, 0, 2^b - 1) and
-x_hat = (q - z) * s. The range [lo, hi] is widened to contain 0 so that zero is exact.
-- weights: one (s, z) per output channel, min-max of the channel (ZeroQ/DSG protocol);
-- activations: one (s, z) per tensor, range from a calibration observer (see observers.py).
+Uniform quantization with b bits: q = clamp(round(x / s) + z, 0, 2^b - 1) and x_hat = (q - z) * s.
+The range [lo, hi] is widened to contain 0 so that zero is exact.
+- weights: one (s, z) per output channel from the channel's min-max; asymmetric, or symmetric with
+  z = 2^(b-1) and s = max|w| / (2^(b-1) - 1), i.e. signed b-bit integers with zero point 0 (INT8-exportable);
+- activations: one (s, z) per tensor, range from a calibration observer (see observers.py);
+- AdaRound (Nagel et al. 2020): weights rounded up or down by a learned h(V) in [0, 1] instead of to
+  the nearest grid point (``AdaRoundWeight``; the reconstruction loops are in reconstruction.py).
 """
 from __future__ import annotations
 
@@ -44,18 +47,70 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int, axis: int | Non
     )
 
 
-def weight_qparams(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel asymmetric min-max quantization parameters of a conv/linear weight."""
-    flat = weight.detach().flatten(1)
-    return qparams_from_range(flat.min(1).values, flat.max(1).values, bits)
+WEIGHT_SCHEMES = ("asymmetric", "symmetric")
+
+
+def weight_qparams(weight: torch.Tensor, bits: int, scheme: str = "asymmetric") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel min-max quantization parameters of a conv/linear weight."""
+    flat = weight.detach().flatten(1).float()
+    if scheme == "asymmetric":
+        return qparams_from_range(flat.min(1).values, flat.max(1).values, bits)
+    if scheme != "symmetric":
+        raise ValueError(f"weight scheme {scheme!r} is unknown; allowed: {', '.join(WEIGHT_SCHEMES)}")
+    half = 2 ** (bits - 1)
+    scale = torch.clamp(flat.abs().max(1).values / (half - 1), min=1e-8)
+    return scale, torch.full_like(scale, half, dtype=torch.int32)
+
+
+class AdaRoundWeight(nn.Module):
+    """AdaRound's learnable rounding of one layer's weight W on its per-channel grid (s, z).
+
+    h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1) with zeta = 1.1, gamma = -0.1 (rectified
+    sigmoid), V initialised so that h(V) equals the fractional part of W / s (the soft weight starts
+    at W itself). W_soft = s (clip(floor(W / s) + h(V) + z, 0, 2^b - 1) - z); after ``hard`` is set,
+    h is rounded to {0, 1}. ``regularizer(beta)`` = sum(1 - |2 h(V) - 1|^beta) pushes h to 0 or 1.
+    """
+
+    ZETA, GAMMA = 1.1, -0.1
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int):
+        super().__init__()
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        self.register_buffer("scale", scale.detach().reshape(shape).to(weight.dtype))
+        self.register_buffer("zero_point", zero_point.detach().reshape(shape).to(weight.dtype))
+        self.qmax = 2**bits - 1
+        w = weight.detach() / self.scale
+        self.register_buffer("w_floor", torch.floor(w))
+        rest = (w - self.w_floor).clamp(1e-4, 1 - 1e-4)  # sigmoid^-1 of the rectified target
+        self.v = nn.Parameter(-torch.log((self.ZETA - self.GAMMA) / (rest - self.GAMMA) - 1))
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        if self.hard:
+            return (self.v >= 0).to(self.v.dtype)
+        return torch.clamp(torch.sigmoid(self.v) * (self.ZETA - self.GAMMA) + self.GAMMA, 0, 1)
+
+    def forward(self) -> torch.Tensor:
+        q = torch.clamp(self.w_floor + self.h() + self.zero_point, 0, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
 class _WeightFakeQuant:
     """Per-channel weight fake-quant, recomputed only when the weight or its qparams change: the
     quantized weight is cached against the tensors' version counters (in-place updates bump them),
-    so inference does not pay for re-quantizing frozen weights on every batch."""
+    so inference does not pay for re-quantizing frozen weights on every batch. ``weight_quant`` off
+    gives the FP weight (reconstruction targets); an attached ``adaround`` gives its rounding."""
+
+    weight_quant = True
 
     def quantized_weight(self) -> torch.Tensor:
+        if not self.weight_quant:
+            return self.weight
+        if getattr(self, "adaround", None) is not None:
+            return self.adaround()
         key = (self.weight._version, self.weight_scale._version, self.weight_zero_point._version,
                self.weight.data_ptr())
         if torch.is_grad_enabled() and self.weight.requires_grad:
@@ -68,16 +123,16 @@ class _WeightFakeQuant:
 
 
 class QuantConv2d(_WeightFakeQuant, nn.Conv2d):
-    """A Conv2d whose weight is fake-quantized per output channel (asymmetric, min-max)."""
+    """A Conv2d whose weight is fake-quantized per output channel (min-max grid)."""
 
-    def __init__(self, conv: nn.Conv2d, bits: int):
+    def __init__(self, conv: nn.Conv2d, bits: int, scheme: str = "asymmetric"):
         super().__init__(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
         )
         self.load_state_dict(conv.state_dict())
-        self.weight_bits = bits
-        scale, zp = weight_qparams(self.weight, bits)
+        self.weight_bits, self.weight_scheme = bits, scheme
+        scale, zp = weight_qparams(self.weight, bits, scheme)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zp)
 
@@ -86,13 +141,13 @@ class QuantConv2d(_WeightFakeQuant, nn.Conv2d):
 
 
 class QuantLinear(_WeightFakeQuant, nn.Linear):
-    """A Linear whose weight is fake-quantized per output channel (asymmetric, min-max)."""
+    """A Linear whose weight is fake-quantized per output channel (min-max grid)."""
 
-    def __init__(self, linear: nn.Linear, bits: int):
+    def __init__(self, linear: nn.Linear, bits: int, scheme: str = "asymmetric"):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None)
         self.load_state_dict(linear.state_dict())
-        self.weight_bits = bits
-        scale, zp = weight_qparams(self.weight, bits)
+        self.weight_bits, self.weight_scheme = bits, scheme
+        scale, zp = weight_qparams(self.weight, bits, scheme)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zp)
 
@@ -102,31 +157,60 @@ class QuantLinear(_WeightFakeQuant, nn.Linear):
 
 class ActFakeQuantize(nn.Module):
     """Per-tensor activation fake-quant. While ``observing``, it feeds its observer and passes x through;
-    after ``freeze()`` it quantizes with the observed range."""
+    after ``freeze()`` it quantizes with the observed range.
+
+    For reconstruction: ``enabled`` off passes x through; ``learn_scale()`` makes the step size an
+    nn.Parameter trained LSQ-style (torch's learnable fake-quant op, gradient scaled by
+    1 / sqrt(numel * qmax)) until ``fix_scale()``; ``drop_prob`` p > 0 keeps each element at full
+    precision with probability p (QDrop; reconstruction only).
+    """
 
     def __init__(self, bits: int, observer: nn.Module):
         super().__init__()
         self.bits = bits
         self.observer = observer
         self.observing = True
+        self.enabled = True
+        self.drop_prob = 0.0
+        self.scale_param: nn.Parameter | None = None
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.register_buffer("calibrated", torch.tensor(False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         if self.observing:
             self.observer(x)
             return x
-        key = (self.scale._version, self.zero_point._version, self.scale.data_ptr())
-        if getattr(self, "_qp_key", None) != key:  # python scalars for the fused op, read once
-            self._qp, self._qp_key = (float(self.scale), int(self.zero_point)), key
-        return torch.fake_quantize_per_tensor_affine(x, self._qp[0], self._qp[1], 0, 2**self.bits - 1)
+        qmax = 2**self.bits - 1
+        if self.scale_param is not None:
+            xq = torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale_param, self.zero_point.float().reshape(1), 0, qmax, 1.0 / (x.numel() * qmax) ** 0.5)
+        else:
+            key = (self.scale._version, self.zero_point._version, self.scale.data_ptr())
+            if getattr(self, "_qp_key", None) != key:  # python scalars for the fused op, read once
+                self._qp, self._qp_key = (float(self.scale), int(self.zero_point)), key
+            xq = torch.fake_quantize_per_tensor_affine(x, self._qp[0], self._qp[1], 0, qmax)
+        if self.drop_prob > 0:
+            return torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+        return xq
 
     def freeze(self) -> None:
         lo, hi = self.observer.calculate_range(self.bits)
         self.scale, self.zero_point = qparams_from_range(lo, hi, self.bits)
         self.calibrated.fill_(True)
         self.observing = False
+
+    def learn_scale(self) -> nn.Parameter:
+        self.scale_param = nn.Parameter(self.scale.detach().clone().reshape(1))
+        return self.scale_param
+
+    def fix_scale(self) -> None:
+        if self.scale_param is not None:
+            with torch.no_grad():
+                self.scale.copy_(self.scale_param.detach().abs().clamp_min(1e-8).reshape(()))
+            self.scale_param = None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"

@@ -19,6 +19,18 @@ def results_table(fp32: dict, results: dict[tuple[str, str], dict], sources: lis
     return "\n".join(lines) + "\n"
 
 
+def calibration_table(results: dict[tuple[str, str], dict], sources: list[str], bits: list[str]) -> str:
+    """The quantizer settings the cells were calibrated with and the calibration wall time of each."""
+    first = next(iter(results.values()))
+    head = (f"Protocol `{first.get('protocol', 'zeroq')}`, rounding `{first.get('rounding', 'nearest')}`, "
+            f"{first.get('weight_scheme', 'asymmetric')} per-channel weights. Calibration wall time, seconds:\n\n")
+    lines = ["| source | " + " | ".join(b.upper() for b in bits) + " |", "|" + "---|" * (1 + len(bits))]
+    for s in sources:
+        secs = [results[(s, b)].get("calibration_seconds") for b in bits]
+        lines.append(f"| {s} | " + " | ".join("n/a" if t is None else f"{t:.1f}" for t in secs) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
 def _plt():
     import matplotlib
 

@@ -118,8 +118,26 @@ class Generate(BaseModel):
         return self
 
 
+class Reconstruction(Strict):
+    iterations: int = PosInt
+    act_iterations: int = PosInt
+    batch_size: int = PosInt
+    lr: float = Field(gt=0)
+    act_lr: float = Field(gt=0)
+    reg_weight: float = Field(ge=0)
+    beta_start: float = Field(gt=0)
+    beta_end: float = Field(gt=0)
+    warmup: float = Field(ge=0, lt=1)
+    drop_prob: float = Field(ge=0, le=1)
+    seed: int = Field(ge=0)
+
+
 class Quantize(Strict):
     bits: list[str] = Field(min_length=1)
+    protocol: Literal["zeroq", "brecq"] = "zeroq"
+    weight_scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
+    rounding: Literal["nearest", "adaround", "brecq", "qdrop"] = "nearest"
+    reconstruction: Reconstruction
     act_method: str
     percentile: float = Field(gt=50, le=100)
     ema_momentum: float = Field(ge=0, lt=1)

@@ -1,5 +1,10 @@
-"""Stage calibrate@<source>-<bits>: fake-quant model (ZeroQ/DSG protocol) calibrated on one source."""
+"""Stage calibrate@<source>-<bits>: fake-quant model calibrated (and optionally reconstructed) on one source.
+
+quantize.protocol picks the quantizer layout (zeroq | brecq), quantize.rounding the weight rounding
+(nearest | adaround | brecq | qdrop); reconstruction reads the cached synthetic tensors of the source.
+"""
 import sys
+import time
 from pathlib import Path
 
 from stages._common import device, load_params, setup_torch
@@ -7,12 +12,13 @@ from stages._common import device, load_params, setup_torch
 
 def main(source: str, bits: str) -> None:
     q = load_params("quantize")
-    setup_torch()
+    torch = setup_torch()
     from dfq.io import load_torch, save_torch
     from dfq.models import load_checkpoint
     from dfq.observers import make_observer
     from dfq.quantize import calibrate, prepare, summary
     from dfq.quantizers import parse_bits
+    from dfq.reconstruction import ReconConfig, reconstruct
 
     try:
         wbits, abits = parse_bits(bits)
@@ -24,13 +30,25 @@ def main(source: str, bits: str) -> None:
     if not files:
         raise SystemExit(f"data/calib/{source}: no calibration batches found")
     gm = prepare(model, wbits, abits,
-                 lambda: make_observer(q["act_method"], percentile=q["percentile"], ema_momentum=q["ema_momentum"]))
-    n = calibrate(gm, (load_torch(f) for f in files), device(), desc=f"calibrate {source}-{bits}")
-    info = {"source": source, "bits": bits, "act_method": q["act_method"], "images": n, **summary(gm)}
+                 lambda: make_observer(q["act_method"], percentile=q["percentile"], ema_momentum=q["ema_momentum"]),
+                 q["protocol"], q["weight_scheme"])
+    start = time.perf_counter()
+    recon = None
+    if q["rounding"] == "nearest":
+        n = calibrate(gm, (load_torch(f) for f in files), device(), desc=f"calibrate {source}-{bits}")
+    else:
+        data = torch.cat([load_torch(f) for f in files])
+        n = len(data)
+        print(f"{source}-{bits}: {q['rounding']} reconstruction on {n} images", flush=True)
+        recon = reconstruct(gm, data, q["rounding"], ReconConfig(**q["reconstruction"]), device())
+    seconds = time.perf_counter() - start
+    info = {"source": source, "bits": bits, "protocol": q["protocol"], "weight_scheme": q["weight_scheme"],
+            "rounding": q["rounding"], "act_method": q["act_method"], "images": n, "seconds": round(seconds, 1),
+            **summary(gm), **({"reconstruction": recon["units"]} if recon else {})}
     out = Path("models/quant") / f"{source}-{bits}.pt"
     save_torch({**info, "state_dict": {k: v.cpu() for k, v in gm.state_dict().items()}}, out)
     print(f"{source}-{bits}: {info['weight_layers']} weight layers and {info['act_quantizers']} activations "
-          f"quantized ({q['act_method']}, {n} images) -> {out}")
+          f"quantized (protocol {q['protocol']}, rounding {q['rounding']}, {n} images, {seconds:.1f} s) -> {out}")
 
 
 if __name__ == "__main__":

@@ -12,18 +12,17 @@ def main(source: str, bits: str) -> None:
     from dfq.evaluate import evaluate, make_loader
     from dfq.io import load_torch, save_json
     from dfq.models import load_checkpoint
-    from dfq.observers import MinMaxObserver
-    from dfq.quantize import load_calibrated, prepare
-    from dfq.quantizers import parse_bits
+    from dfq.quantize import load_quantized
 
     model, meta = load_checkpoint("models/fp32.pt")
     ckpt = load_torch(Path("models/quant") / f"{source}-{bits}.pt")
-    wbits, abits = parse_bits(bits)
-    gm = load_calibrated(prepare(model, wbits, abits, MinMaxObserver), ckpt["state_dict"])
+    gm = load_quantized(model, ckpt)
     spec = InputSpec.from_dict(meta["input_spec"])
     loader = make_loader(open_eval_dataset("data/prepared/eval", spec), p["batch_size"], workers())
     m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
-    save_json({"top1": m["top1"], "top5": m["top5"], "source": source, "bits": bits},
+    save_json({"top1": m["top1"], "top5": m["top5"], "source": source, "bits": bits,
+               **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme") if k in ckpt},
+               "calibration_seconds": ckpt.get("seconds")},
               Path("metrics/eval") / f"{source}-{bits}.json")
     print(f"{source}-{bits}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%")
 

@@ -24,7 +24,8 @@ def main() -> None:
     table = report.results_table(fp32, results, sources, bits)
     report.write_text("# Results\n\nTop-1 % (top-5 % in brackets) on the test set, per calibration source "
                       "and bit-width (weights/activations).\n\n" + table
-                      + "\n![accuracy vs bits](accuracy_vs_bits.png)\n\n## Diversity of the calibration sets\n\n"
+                      + "\n![accuracy vs bits](accuracy_vs_bits.png)\n\n## Quantizer\n\n"
+                      + report.calibration_table(results, sources, bits) + "\n## Diversity of the calibration sets\n\n"
                       + report.diversity_table(diversity)
                       + "\n![BN-statistic spread](bn_spread.png)\n\n![samples](samples.png)\n", "reports/results.md")
     report.plot_accuracy_vs_bits(fp32, results, sources, bits, "reports/accuracy_vs_bits.png")

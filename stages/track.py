@@ -42,6 +42,7 @@ def main() -> None:
                 metrics={"top1": m["top1"], "top5": m["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
                          "top1_drop": fp32["top1"] - m["top1"], "bn_spread_mean": div["bn_spread_mean"],
                          "feature_cosine": div["feature_cosine"],
+                         **({"calibration_seconds": m["calibration_seconds"]} if m.get("calibration_seconds") else {}),
                          **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}},
                 tags={"git_commit": commit or "unknown", "dvc_stage": os.environ.get("DVC_STAGE", "track"),
                       "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "source": s, "bits": b,

@@ -20,7 +20,7 @@ class MethodRelu(nn.Module):
 
 def test_finds_module_and_functional_relus(tiny_bn):
     gm = prepare(tiny_bn, 8, 8, MinMaxObserver)
-    assert summary(gm) == {"weight_layers": 3, "act_quantizers": 2}
+    assert summary(gm) == {"weight_layers": 3, "act_quantizers": 2, "weight_bits": [8], "act_bits": [8]}
 
 
 def test_finds_method_and_torch_relu():
@@ -30,11 +30,11 @@ def test_finds_method_and_torch_relu():
 def test_fmnist_resnet_all_relus_found():
     gm = prepare(build_model("fmnist_resnet"), 4, 4, MinMaxObserver)
     # stem ReLU + two F.relu per block x 3 blocks; 7 convs + 2 shortcut convs + fc
-    assert summary(gm) == {"weight_layers": 10, "act_quantizers": 7}
+    assert summary(gm) == {"weight_layers": 10, "act_quantizers": 7, "weight_bits": [4], "act_bits": [4]}
 
 
 def test_nothing_to_quantize_fails_loudly():
-    with pytest.raises(NothingQuantizedError, match="0 ReLU"):
+    with pytest.raises(NothingQuantizedError, match="1 Conv2d/Linear layers and no activations"):
         prepare(nn.Sequential(nn.Conv2d(1, 1, 1), nn.Sigmoid()), 8, 8, MinMaxObserver)
 
 
@@ -63,3 +63,64 @@ def test_checkpoint_round_trip(tiny_bn):
     assert torch.equal(again(x), gm(x))
     with pytest.raises(ValueError, match="uncalibrated"):
         load_calibrated(prepare(tiny_bn, 4, 4, MinMaxObserver), prepare(tiny_bn, 4, 4, MinMaxObserver).state_dict())
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,shape", [("fmnist_resnet", (4, 1, 28, 28)), ("cifar_resnet20", (4, 3, 32, 32)),
+                                        ("resnet18", (2, 3, 64, 64)), ("mobilenet_v2", (2, 3, 64, 64))])
+def test_brecq_protocol_bn_folding_keeps_fp32_outputs(arch, shape):
+    from dfq.quantize import set_quant_state
+
+    model = _randomize_bn(build_model(arch, 10))
+    gm = prepare(model, 4, 4, MinMaxObserver, protocol="brecq")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules()), "every BN follows a conv: all folded"
+    set_quant_state(gm, weights=False, acts=False)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        ref, out = model(x), gm(x)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_brecq_protocol_first_and_last_layer_at_8_bits():
+    from dfq.quantize import weight_quantized_layers
+
+    gm = prepare(build_model("cifar_resnet20", 10), 4, 4, MinMaxObserver, protocol="brecq")
+    assert gm.conv1.weight_bits == 8 and gm.linear.weight_bits == 8
+    assert sorted(m.weight_bits for m in weight_quantized_layers(gm)).count(8) == 2
+    # the quantizer of the image (first conv's input) and of the last layer's input are 8-bit, the rest 4
+    code = gm.code
+    first = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("act_fq"))
+    assert gm.get_submodule(first.target).bits == 8 and first.args[0].op == "placeholder"
+    last = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "linear").args[0]
+    assert gm.get_submodule(last.target).bits == 8, code
+    assert sorted(fq.bits for fq in act_quantizers(gm)).count(8) == 2
+    # every conv/linear input is quantized: 19 convs in 9 blocks + stem, 1 linear, shortcuts are parameter-free
+    assert len(act_quantizers(gm)) == 20
+
+
+def test_zeroq_protocol_keeps_every_layer_at_target_bits():
+    gm = prepare(build_model("cifar_resnet20", 10), 4, 4, MinMaxObserver)
+    assert summary(gm)["weight_bits"] == [4] and summary(gm)["act_bits"] == [4]
+
+
+@pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
+def test_load_quantized_round_trip(protocol):
+    from dfq.quantize import load_quantized
+
+    model = _randomize_bn(build_model("fmnist_resnet", 10))
+    x = torch.randn(8, 1, 28, 28)
+    gm = prepare(model, 4, 4, MinMaxObserver, protocol=protocol, weight_scheme="symmetric")
+    calibrate(gm, [x])
+    ckpt = {"bits": "w4a4", "protocol": protocol, "weight_scheme": "symmetric", "state_dict": gm.state_dict()}
+    with torch.no_grad():
+        assert torch.equal(load_quantized(model, ckpt)(x), gm(x))

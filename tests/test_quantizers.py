@@ -52,3 +52,43 @@ def test_parse_bits(spec, expected):
 def test_parse_bits_rejects(spec):
     with pytest.raises(ValueError, match="2..8"):
         parse_bits(spec)
+
+
+def test_symmetric_weights_are_signed_integers_with_zero_point_zero():
+    from dfq.quantizers import weight_qparams
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 3, 3)
+    for bits in (4, 8):
+        scale, zp = weight_qparams(w, bits, "symmetric")
+        assert torch.all(zp == 2 ** (bits - 1))
+        q = torch.round(w.flatten(1) / scale[:, None])
+        assert q.abs().max() <= 2 ** (bits - 1) - 1  # no clipping: the extreme weights are exact levels
+        wq = fake_quantize(w, scale, zp, bits, axis=0)
+        assert torch.allclose(wq.flatten(1).abs().amax(1), w.flatten(1).abs().amax(1), atol=1e-6)
+    with pytest.raises(ValueError, match="weight scheme"):
+        weight_qparams(w, 4, "power-of-two")
+
+
+def test_adaround_h_in_unit_interval_starts_at_w_and_regulariser_binarises():
+    from dfq.quantizers import AdaRoundWeight, weight_qparams
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    scale, zp = weight_qparams(w, 4)
+    ada = AdaRoundWeight(w, scale, zp, 4)
+    h = ada.h()
+    assert h.min() >= 0 and h.max() <= 1
+    # the soft weight starts at W, clipped to the grid's range
+    s4, z4 = scale.view(-1, 1, 1, 1), zp.view(-1, 1, 1, 1).float()
+    assert torch.allclose(ada(), s4 * (torch.clamp(w / s4 + z4, 0, 15) - z4), atol=1e-3 * float(scale.max()))
+    opt = torch.optim.Adam([ada.v], lr=0.05)
+    before = ada.regularizer(2.0).item()
+    for _ in range(400):
+        opt.zero_grad()
+        ada.regularizer(2.0).backward()
+        opt.step()
+    h = ada.h()
+    assert h.min() >= 0 and h.max() <= 1
+    assert ada.regularizer(2.0).item() < 1e-3 * before
+    assert torch.all((h == 0) | (h == 1)), "the regulariser alone drives every h(V) to exactly 0 or 1"

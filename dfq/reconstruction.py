@@ -1,0 +1,195 @@
+"""Output reconstruction on calibration data: AdaRound, BRECQ and QDrop on a prepared fake-quant model.
+
+Each *unit* is optimised on its own, in execution order, from cached tensors: its input x_hat as the
+already-quantized model produces it, and its full-precision output y as target. The loss is
+||unit(x_hat) - y||^2 (summed over channels, averaged over the rest) plus, for the rounding variables,
+lambda * sum(1 - |2 h(V) - 1|^beta) with beta annealed from beta_start to beta_end after a warm-up
+without the regulariser (AdaRound, Nagel et al. 2020).
+
+- ``adaround``: units are single conv/linear layers; weights with full-precision activations, then the
+  activation ranges are calibrated on the reconstructed model.
+- ``brecq`` (Li et al. 2021): units are residual blocks (plus the layers outside any block); weights
+  first with full-precision activations, calibration, then each unit's activation step sizes learned
+  LSQ-style with the rounding fixed.
+- ``qdrop`` (Wei et al. 2022): calibration first, then per block the rounding and the activation step
+  sizes learned together while each activation element skips quantization with probability p.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from tqdm import tqdm
+
+from dfq.quantize import QUANT_TYPES, act_quantizers, calibrate, set_quant_state
+from dfq.quantizers import AdaRoundWeight
+
+ROUNDINGS = ("nearest", "adaround", "brecq", "qdrop")
+
+
+@dataclass
+class ReconConfig:
+    iterations: int = 2000        # rounding optimisation steps per unit (papers: 10k-20k)
+    act_iterations: int = 2000    # brecq: LSQ step-size steps per unit
+    batch_size: int = 32
+    lr: float = 1e-3              # Adam on the rounding variables V
+    act_lr: float = 4e-5          # Adam on the activation step sizes
+    reg_weight: float = 0.01      # lambda
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2           # fraction of iterations without the regulariser
+    drop_prob: float = 0.5        # qdrop only
+    seed: int = 0
+
+
+class _Stop(Exception):
+    """Raised from a hook once the tensor of interest is captured: the rest of the forward is skipped."""
+
+
+@torch.no_grad()
+def capture(gm: nn.Module, name: str, data: torch.Tensor, output: bool, batch: int = 128) -> torch.Tensor:
+    """The input (or output) of submodule ``name`` for every calibration image, in the current quant state."""
+    mod, got = gm.get_submodule(name), []
+
+    def keep(t):
+        got.append(t.detach())
+        raise _Stop
+
+    h = (mod.register_forward_hook(lambda m, a, out: keep(out)) if output
+         else mod.register_forward_pre_hook(lambda m, a: keep(a[0])))
+    try:
+        for i in range(0, len(data), batch):
+            try:
+                gm(data[i:i + batch])
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return torch.cat(got)
+
+
+def recon_units(gm: fx.GraphModule, layerwise: bool) -> list[str]:
+    """Unit names in execution order: every weight layer (layerwise), or every block of the prepared
+    model's top-level graph plus the weight layers outside blocks."""
+    units = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, fx.GraphModule) and any(isinstance(m, QUANT_TYPES) for m in mod.modules()):
+            if layerwise:
+                units += [f"{node.target}.{n.target}" for n in mod.graph.nodes
+                          if n.op == "call_module" and isinstance(mod.get_submodule(n.target), QUANT_TYPES)]
+            else:
+                units.append(node.target)
+        elif isinstance(mod, QUANT_TYPES):
+            units.append(node.target)
+    return units
+
+
+def rec_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).square().sum(1).mean()
+
+
+@torch.no_grad()
+def unit_error(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> float:
+    """Mean reconstruction error of ``unit`` over all cached inputs."""
+    total = sum(float(rec_error(unit(x[i:i + batch]), y[i:i + batch])) * len(x[i:i + batch])
+                for i in range(0, len(x), batch))
+    return total / len(x)
+
+
+def beta_at(t: int, cfg: ReconConfig) -> float | None:
+    """Annealed beta at step t, None during the warm-up (no regulariser)."""
+    warm = int(cfg.warmup * cfg.iterations)
+    if t < warm:
+        return None
+    rel = (t - warm) / max(1, cfg.iterations - warm)
+    return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - rel)
+
+
+def optimize_unit(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ReconConfig, learn_weights: bool,
+                  learn_acts: bool, drop_prob: float = 0.0, desc: str = "") -> dict:
+    """Reconstruct one unit from cached (x, y); the rounding is fixed to {0, 1} and written into the
+    layers' weights at the end (every weight then sits on its quantization grid)."""
+    layers = [m for m in unit.modules() if isinstance(m, QUANT_TYPES)] if learn_weights else []
+    fqs = act_quantizers(unit)
+    before = unit_error(unit, x, y)
+    for m in layers:
+        m.adaround = AdaRoundWeight(m.weight, m.weight_scale, m.weight_zero_point, m.weight_bits).to(x.device)
+    groups = [{"params": [m.adaround.v for m in layers], "lr": cfg.lr}] if layers else []
+    if learn_acts and fqs:
+        groups.append({"params": [fq.learn_scale() for fq in fqs], "lr": cfg.act_lr})
+    for fq in fqs:
+        fq.drop_prob = drop_prob
+    iterations = cfg.iterations if learn_weights else cfg.act_iterations
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(groups) if groups else None
+    bar = tqdm(range(iterations if opt else 0), desc=desc, leave=False, mininterval=1.0)
+    for t in bar:
+        idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(x.device)
+        rec = rec_error(unit(x[idx]), y[idx])
+        loss = rec
+        beta = beta_at(t, cfg) if layers else None
+        if beta is not None:
+            loss = rec + cfg.reg_weight * sum(m.adaround.regularizer(beta) for m in layers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if t % 100 == 0:
+            bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
+    with torch.no_grad():
+        for m in layers:
+            m.adaround.hard = True
+            m.weight.copy_(m.adaround())
+            del m.adaround
+    for fq in fqs:
+        fq.fix_scale()
+        fq.drop_prob = 0.0
+    return {"error_before": before, "error_after": unit_error(unit, x, y)}
+
+
+def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconConfig, device="cpu") -> dict:
+    """Reconstruct a prepared model on calibration images ``data`` (N, C, H, W); activation ranges end
+    calibrated. Returns per-unit errors (before = nearest rounding) and wall times."""
+    if method not in ROUNDINGS[1:]:
+        raise ValueError(f"quantize.rounding={method!r} is unknown; allowed: {', '.join(ROUNDINGS)}")
+    gm.eval().to(device)
+    data = data.to(device)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # QDrop's random drop masks
+    units = recon_units(gm, layerwise=method == "adaround")
+    t0 = time.perf_counter()
+    if method == "qdrop":
+        calibrate(gm, data.split(128), device, desc="calibrate (before qdrop)")
+    log = []
+    for name in units:
+        acts = method == "qdrop"
+        set_quant_state(gm, weights=True, acts=acts)
+        x = capture(gm, name, data, output=False)
+        set_quant_state(gm, weights=False, acts=False)
+        y = capture(gm, name, data, output=True)
+        set_quant_state(gm, weights=True, acts=acts)
+        r = optimize_unit(gm.get_submodule(name), x, y, cfg, learn_weights=True, learn_acts=acts,
+                          drop_prob=cfg.drop_prob if acts else 0.0, desc=f"{method} {name}")
+        log.append({"unit": name, **r})
+        print(f"  {method} {name}: error {r['error_before']:.4g} (nearest) -> {r['error_after']:.4g}", flush=True)
+    set_quant_state(gm, weights=True, acts=True)
+    if method != "qdrop":
+        calibrate(gm, data.split(128), device, desc="calibrate activations")
+    t_weights = time.perf_counter() - t0
+    if method == "brecq":
+        for entry in log:
+            name = entry["unit"]
+            x = capture(gm, name, data, output=False)
+            set_quant_state(gm, weights=False, acts=False)
+            y = capture(gm, name, data, output=True)
+            set_quant_state(gm, weights=True, acts=True)
+            r = optimize_unit(gm.get_submodule(name), x, y, cfg, learn_weights=False, learn_acts=True,
+                              desc=f"brecq act {name}")
+            entry.update(act_error_before=r["error_before"], act_error_after=r["error_after"])
+            print(f"  brecq act {name}: error {r['error_before']:.4g} -> {r['error_after']:.4g}", flush=True)
+    return {"units": log, "seconds_weights": t_weights, "seconds_total": time.perf_counter() - t0}

@@ -1,0 +1,119 @@
+import pytest
+import torch
+from torch import nn
+
+from dfq.models import build_model
+from dfq.observers import MinMaxObserver
+from dfq.quantize import act_quantizers, calibrate, find_blocks, prepare, set_quant_state, weight_quantized_layers
+from dfq.reconstruction import ReconConfig, beta_at, capture, reconstruct, recon_units, unit_error
+
+
+def _model():
+    torch.manual_seed(0)
+    m = build_model("fmnist_resnet", 10)
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(1)
+    return torch.randn(48, 1, 28, 28)
+
+
+def _on_grid(layer) -> bool:
+    s = layer.weight_scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+    z = layer.weight_zero_point.view_as(s).float()
+    q = layer.weight.detach() / s + z
+    return bool(torch.all((q - q.round()).abs() < 1e-3) and q.min() > -1e-3 and q.max() < 2**layer.weight_bits - 1 + 1e-3)
+
+
+def test_units_are_blocks_plus_outer_layers_or_every_layer():
+    gm = prepare(_model(), 4, 4, MinMaxObserver, protocol="brecq")
+    assert find_blocks(_model()) == ["layers.0", "layers.1", "layers.2"]
+    blocks = recon_units(gm, layerwise=False)
+    layers = recon_units(gm, layerwise=True)
+    assert len(layers) == len(weight_quantized_layers(gm)) == 10
+    assert len(blocks) == 5  # stem conv, 3 residual blocks, fc
+    assert blocks[0] == layers[0] and blocks[-1] == layers[-1]
+
+
+def test_capture_matches_a_forward_hook(data):
+    gm = prepare(_model(), 4, 4, MinMaxObserver)
+    set_quant_state(gm, weights=False, acts=False)
+    name = recon_units(gm, layerwise=False)[2]
+    seen = []
+    h = gm.get_submodule(name).register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad():
+        gm(data)
+    h.remove()
+    assert torch.allclose(capture(gm, name, data, output=True, batch=16), seen[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("method,protocol", [("adaround", "zeroq"), ("brecq", "brecq"), ("qdrop", "brecq")])
+def test_reconstruction_puts_weights_on_grid_and_lowers_block_error(data, method, protocol):
+    model = _model()
+    cfg = ReconConfig(iterations=300, act_iterations=50, batch_size=16)
+    gm = prepare(model, 3, 4, MinMaxObserver, protocol=protocol)
+    out = reconstruct(gm, data, method, cfg)
+    assert all(_on_grid(m) for m in weight_quantized_layers(gm)), "every weight sits on its grid"
+    assert all(bool(fq.calibrated) and not fq.observing for fq in act_quantizers(gm))
+    multi = [u for u in out["units"] if len(list(gm.get_submodule(u["unit"]).modules())) > 1 or method == "adaround"]
+    improved = [u["error_after"] < u["error_before"] for u in multi]
+    assert sum(improved) >= len(improved) - 1 and improved, out["units"]
+    assert sum(u["error_after"] for u in multi) < 0.9 * sum(u["error_before"] for u in multi)
+    # the reconstructed model stays a plain fake-quant model: no rounding variables, no learnable scales
+    assert not any("adaround" in k or "scale_param" in k for k in gm.state_dict())
+
+
+def test_block_output_error_lower_than_nearest_rounding_in_the_quantized_model(data):
+    """End to end on a tiny model: every block's output, in the whole quantized model, is closer to
+    the FP32 block output after BRECQ than with nearest rounding."""
+    model = _model()
+    nearest = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
+    calibrate(nearest, [data])
+    recon = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
+    reconstruct(recon, data, "brecq", ReconConfig(iterations=300, act_iterations=100, batch_size=16))
+    for name in recon_units(recon, layerwise=False)[1:-1]:
+        set_quant_state(recon, weights=False, acts=False)
+        target = capture(recon, name, data, output=True)
+        set_quant_state(recon, weights=True, acts=True)
+        errors = [((capture(gm, name, data, output=True) - target).square().sum(1).mean()).item()
+                  for gm in (nearest, recon)]
+        assert errors[1] < errors[0], (name, errors)
+
+
+def test_beta_annealing_and_warmup():
+    cfg = ReconConfig(iterations=100, warmup=0.2, beta_start=20, beta_end=2)
+    assert beta_at(0, cfg) is None and beta_at(19, cfg) is None
+    assert beta_at(20, cfg) == 20 and abs(beta_at(99, cfg) - 2.225) < 1e-6
+
+
+def test_qdrop_drop_keeps_some_elements_full_precision():
+    from dfq.quantizers import ActFakeQuantize
+
+    fq = ActFakeQuantize(2, MinMaxObserver())
+    x = torch.linspace(-1, 1, 1000)
+    fq(x)
+    fq.freeze()
+    q = fq(x)
+    fq.drop_prob = 0.5
+    mixed = fq(x)
+    kept = (mixed == x) & (q != x)
+    assert 0.3 < kept.float().mean() < 0.7
+    assert torch.all((mixed == x) | (mixed == q))
+
+
+def test_unknown_rounding_is_refused(data):
+    with pytest.raises(ValueError, match="quantize.rounding"):
+        reconstruct(prepare(_model(), 4, 4, MinMaxObserver), data, "stochastic", ReconConfig())
+
+
+def test_unit_error_is_zero_in_full_precision(data):
+    gm = prepare(_model(), 4, 4, MinMaxObserver)
+    set_quant_state(gm, weights=False, acts=False)
+    name = recon_units(gm, layerwise=False)[1]
+    x, y = capture(gm, name, data, output=False), capture(gm, name, data, output=True)
+    assert unit_error(gm.get_submodule(name), x, y) < 1e-10
