@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-package repro test ui exp ablation sweep
+.PHONY: setup data-package repro test ui exp ablation recon sweep
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ exp: setup
 
 ablation: setup
 	python -m stages.profile ablation
+
+# Reconstruction study (CIFAR-10 ResNet-20, W4A4, zeroq/dsg/real data): one experiment per rounding;
+# the synthetic data is generated once and restored from DVC's run-cache for the other three.
+ROUNDINGS ?= nearest adaround brecq qdrop
+recon: setup
+	for r in $(ROUNDINGS); do python -m stages.profile cifar10-resnet20-recon -n recon-$$r \
+	  -S quantize.rounding=$$r || exit 1; done
+	dvc exp show --only-changed --md
 
 # A parameter sweep as queued DVC experiments, two at a time; every run lands in the same MLflow DB
 # (created first: several workers creating a fresh SQLite DB at once would race).

@@ -13,7 +13,7 @@ from stages._common import device, load_params, setup_torch
 def main(source: str, bits: str) -> None:
     q = load_params("quantize")
     torch = setup_torch()
-    from dfq.io import load_torch, save_torch
+    from dfq.io import load_torch, save_json, save_torch
     from dfq.models import load_checkpoint
     from dfq.observers import make_observer
     from dfq.quantize import calibrate, prepare, summary
@@ -43,10 +43,13 @@ def main(source: str, bits: str) -> None:
         recon = reconstruct(gm, data, q["rounding"], ReconConfig(**q["reconstruction"]), device())
     seconds = time.perf_counter() - start
     info = {"source": source, "bits": bits, "protocol": q["protocol"], "weight_scheme": q["weight_scheme"],
-            "rounding": q["rounding"], "act_method": q["act_method"], "images": n, "seconds": round(seconds, 1),
-            **summary(gm), **({"reconstruction": recon["units"]} if recon else {})}
+            "rounding": q["rounding"], "act_method": q["act_method"], "images": n, **summary(gm),
+            **({"reconstruction": recon["units"]} if recon else {})}
     out = Path("models/quant") / f"{source}-{bits}.pt"
     save_torch({**info, "state_dict": {k: v.cpu() for k, v in gm.state_dict().items()}}, out)
+    # wall time apart from the model, so that an unchanged result stays byte-identical (evaluate skipped)
+    save_json({"seconds": round(seconds, 1), "rounding": q["rounding"], "protocol": q["protocol"], "images": n},
+              Path("metrics/calibrate") / f"{source}-{bits}.json")
     print(f"{source}-{bits}: {info['weight_layers']} weight layers and {info['act_quantizers']} activations "
           f"quantized (protocol {q['protocol']}, rounding {q['rounding']}, {n} images, {seconds:.1f} s) -> {out}")
 

@@ -21,8 +21,7 @@ def main(source: str, bits: str) -> None:
     loader = make_loader(open_eval_dataset("data/prepared/eval", spec), p["batch_size"], workers())
     m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
     save_json({"top1": m["top1"], "top5": m["top5"], "source": source, "bits": bits,
-               **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme") if k in ckpt},
-               "calibration_seconds": ckpt.get("seconds")},
+               **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme") if k in ckpt}},
               Path("metrics/eval") / f"{source}-{bits}.json")
     print(f"{source}-{bits}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%")
 

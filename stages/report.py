@@ -20,6 +20,8 @@ def main() -> None:
             if not path.is_file():
                 raise SystemExit(f"{path}: missing (run the evaluate@{s}-{b} stage first)")
             results[(s, b)] = json.loads(path.read_text())
+            calib = Path("metrics/calibrate") / f"{s}-{b}.json"
+            results[(s, b)]["calibration_seconds"] = json.loads(calib.read_text())["seconds"] if calib.is_file() else None
     diversity = {s: json.loads((Path("metrics/diversity") / f"{s}.json").read_text()) for s in sources}
     table = report.results_table(fp32, results, sources, bits)
     report.write_text("# Results\n\nTop-1 % (top-5 % in brackets) on the test set, per calibration source "

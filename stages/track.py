@@ -31,6 +31,8 @@ def main() -> None:
     for s in gen_p["sources"]:
         for b in quant_p["bits"]:
             m = json.loads((Path("metrics/eval") / f"{s}-{b}.json").read_text())
+            calib = Path("metrics/calibrate") / f"{s}-{b}.json"
+            m["calibration_seconds"] = json.loads(calib.read_text())["seconds"] if calib.is_file() else None
             div = json.loads((Path("metrics/diversity") / f"{s}.json").read_text())
             data_md5 = lock_md5(lock, f"generate@{s}", f"data/calib/{s}")
             params = {"source": s, "bits": b, "data": data_p, "model": model_p,

@@ -37,3 +37,19 @@ def test_hooks_are_removed(tiny_bn):
 def test_model_without_bn_gets_clear_error():
     with pytest.raises(ValueError, match="no BatchNorm2d"):
         BNInputStats(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU()))
+
+
+def test_fused_moments_gradients_match_autograd_of_the_plain_formula():
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 5, 6, dtype=torch.double, requires_grad=True)
+    shift = torch.randn(4, dtype=torch.double)
+    m, s = per_sample_stats(a, shift)
+    flat = a.flatten(2)
+    m_ref = flat.mean(2)
+    s_ref = torch.sqrt(flat.var(2, unbiased=False) + STD_EPS)
+    assert torch.allclose(m, m_ref) and torch.allclose(s, s_ref)
+    w1, w2 = torch.randn_like(m), torch.randn_like(s)
+    g = torch.autograd.grad((w1 * m + w2 * s).sum(), a)[0]
+    g_ref = torch.autograd.grad((w1 * m_ref + w2 * s_ref).sum(), a)[0]
+    assert torch.allclose(g, g_ref, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda t: per_sample_stats(t, shift), (a,))

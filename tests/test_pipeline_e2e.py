@@ -120,6 +120,21 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert ran(sh(["dvc", "repro"], repo, env)) == {"calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8", "report", "track"}
     assert len(mlflow_runs(repo)) == 2
 
+    # reconstruction reads the cached synthetic tensors: switching protocol and rounding never regenerates
+    set_param(repo, "quantize.protocol", "brecq")
+    set_param(repo, "quantize.rounding", "qdrop")
+    set_param(repo, "quantize.reconstruction.iterations", 3)
+    out = sh(["dvc", "repro"], repo, env)
+    assert ran(out) == {"calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8", "report", "track"}
+    assert "qdrop reconstruction on 8 images" in out
+    cell = json.loads((repo / "metrics/eval/zeroq-w8a8.json").read_text())
+    assert cell["protocol"] == "brecq" and cell["rounding"] == "qdrop" and cell["calibration_seconds"] > 0
+    assert "rounding `qdrop`" in (repo / "reports/results.md").read_text()
+    runs = mlflow_runs(repo)
+    assert len(runs) == 3
+    latest = max(runs, key=lambda r: r.info.start_time)
+    assert latest.data.params["quantize.rounding"] == "qdrop" and latest.data.metrics["calibration_seconds"] > 0
+
     # determinism: regenerating in a new process gives byte-identical synthetic tensors
     def batch_bytes():
         return {p.name: p.read_bytes() for p in sorted((repo / "data/calib/zeroq").glob("batch_*.pt"))}
@@ -132,7 +147,7 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     set_param(repo, "generate.zeroq.iterations", 6)
     assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq", "diversity@zeroq", "calibrate@zeroq-w8a8",
                                                      "evaluate@zeroq-w8a8", "report", "track"}
-    assert len(mlflow_runs(repo)) == 3
+    assert len(mlflow_runs(repo)) == 4
 
 
 def test_share_through_the_default_remote(repo, env, tmp_path):
