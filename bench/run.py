@@ -65,19 +65,16 @@ def main() -> None:
             margins = compute_margins(model, x.shape, 0, cfg.get("eps", 0.9), cfg.get("per_channel", False), dev)
             w = lse_weights(len(x), count_bn(model), cfg.get("lse_weight", 2.0)).to(dev)
             loss_fn = lambda x_, st, m=margins, w=w: dsg_loss(x_, st, m, w)  # noqa: E731
-        gen = B.generation_iter_time(model, x, **({"loss_fn": loss_fn} if loss_fn else {}), iters=args.iters, device=dev)
-        frozen = B.fwd_bwd_floor(model, x, False, args.iters, dev)
-        full = B.fwd_bwd_floor(model, x, True, args.iters, dev)
-        its = cfg.get("iterations", 500)
-        rows.append((method, len(x), gen, frozen, full, len(x) / (gen * its)))
+        r = B.paired_generation_ratios(model, x, **({"loss_fn": loss_fn} if loss_fn else {}), iters=args.iters,
+                                       device=dev)
+        rows.append((method, len(x), r, len(x) / (r["gen"] * cfg.get("iterations", 500))))
 
     loader = torch.utils.data.DataLoader(open_eval_dataset("data/prepared/eval", spec), batch_size=500)
     batches = [xb for _, (xb, _) in zip(range(4), loader)]
-    t_fp32 = B.eval_time(model, batches, dev)
     qs, qb = sources[0], bits[-1]
     gm = load_calibrated(prepare(model, *parse_bits(qb), MinMaxObserver),
                          load_torch(f"models/quant/{qs}-{qb}.pt")["state_dict"])
-    t_fq = B.eval_time(gm, batches, dev)
+    ev = B.paired_eval_ratio(model, gm, batches, device=dev)
     n_eval = sum(len(b) for b in batches)
 
     lines = [f"# Benchmark: profile `{args.profile}`", "",
@@ -85,13 +82,19 @@ def main() -> None:
              f"{torch.get_num_threads()} threads), torch {torch.__version__}.", "",
              "## Accuracy (top-1 %, top-5 in brackets)", "", results_table(fp32, results, sources, bits),
              "## Generation speed", "",
+             "Each ratio is the median over 5 rounds, each round timing the generation loop and both floors back "
+             "to back (range over the rounds in brackets).", "",
              "| method | batch | s/iter | / fwd+bwd frozen weights (target <= 1.3) | / fwd+bwd with weight grads | images/s |",
              "|---|---|---|---|---|---|"]
-    for method, n, gen, frozen, full, ips in rows:
-        lines.append(f"| {method} | {n} | {gen:.4f} | {gen / frozen:.2f} | {gen / full:.2f} | {ips:.2f} |")
+    for method, n, r, ips in rows:
+        lo, hi = r["ratio_frozen_range"]
+        lines.append(f"| {method} | {n} | {r['gen']:.4f} | {r['ratio_frozen']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                     f"{r['ratio_full']:.2f} | {ips:.2f} |")
     lines += ["", "## Evaluation speed", "",
-              "| model | s per {} images | ratio to FP32 (target <= 1.5) |".format(n_eval), "|---|---|---|",
-              f"| FP32 | {t_fp32:.3f} | 1.00 |", f"| fake-quant {qs}-{qb} | {t_fq:.3f} | {t_fq / t_fp32:.2f} |", "",
+              "| model | s per {} images | ratio to FP32 (target <= 1.5; median of 7 alternating rounds) |".format(n_eval),
+              "|---|---|---|", f"| FP32 | {ev['fp32']:.3f} | 1.00 |",
+              f"| fake-quant {qs}-{qb} | {ev['quantized']:.3f} | {ev['ratio']:.2f} "
+              f"({ev['ratio_range'][0]:.2f}-{ev['ratio_range'][1]:.2f}) |", "",
               f"Peak memory of this process: {B.peak_memory_mb(dev):.0f} MiB "
               f"({'CUDA allocated' if dev.startswith('cuda') else 'resident set size'}).", ""]
     save_text("\n".join(lines), args.out)

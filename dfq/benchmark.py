@@ -7,6 +7,7 @@ Generation cost is compared with two floors measured in the same process on the 
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from typing import Callable
 
@@ -22,22 +23,24 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_it(fn: Callable[[], object], iters: int, warmup: int = 3, device="cpu") -> float:
-    """Fastest seconds per call over ``iters`` calls after ``warmup`` calls (the least noisy estimate
-    on a shared machine)."""
+def time_it(fn: Callable[[], object], iters: int, warmup: int = 3, device="cpu", repeats: int = 3) -> float:
+    """Seconds per call: the mean over ``iters`` consecutive calls, fastest of ``repeats`` such runs
+    (the same estimator as ``generation_iter_time``, so that their ratio compares like with like)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
+    best = float("inf")
+    for _ in range(repeats):
         _sync(device)
-        times.append(time.perf_counter() - t)
-    return min(times)
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t) / iters)
+    return best
 
 
-def fwd_bwd_floor(model: nn.Module, x: torch.Tensor, weight_grads: bool, iters: int, device="cpu") -> float:
+def fwd_bwd_floor(model: nn.Module, x: torch.Tensor, weight_grads: bool, iters: int, device="cpu",
+                  repeats: int = 3) -> float:
     """Seconds per forward + backward of ``model`` on ``x`` (gradient to the input; weights optional)."""
     x = x.to(device).clone().requires_grad_(True)
     model = model.to(device).eval()
@@ -51,19 +54,20 @@ def fwd_bwd_floor(model: nn.Module, x: torch.Tensor, weight_grads: bool, iters: 
         model(x).sum().backward()
 
     try:
-        return time_it(step, iters, device=device)
+        return time_it(step, iters, device=device, repeats=repeats)
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
 
 
-def generation_iter_time(model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, iters: int = 20, device="cpu") -> float:
+def generation_iter_time(model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, iters: int = 20, device="cpu",
+                         repeats: int = 3) -> float:
     """Seconds per iteration of the real generation loop (hooks, loss, Adam, plateau schedule)."""
     x = x.to(device)
     model = model.to(device)
     optimize_images(model, x, loss_fn, iterations=3, lr=0.5, patience=100, min_lr=1e-4, desc="warm-up")
     best = float("inf")
-    for _ in range(3):  # fastest of three timed runs
+    for _ in range(repeats):  # fastest of the timed runs
         _sync(device)
         t = time.perf_counter()
         optimize_images(model, x, loss_fn, iterations=iters, lr=0.5, patience=100, min_lr=1e-4, desc="timed")
@@ -72,9 +76,36 @@ def generation_iter_time(model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, 
     return best
 
 
+def paired_generation_ratios(model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, iters: int = 20,
+                             rounds: int = 5, device="cpu") -> dict:
+    """Generation time per iteration and both floors, measured back to back in each of ``rounds`` rounds,
+    so that a slow spell of a shared machine hits all three alike; medians of the per-round ratios."""
+    gen, frozen, full = [], [], []
+    for _ in range(rounds):
+        gen.append(generation_iter_time(model, x, loss_fn, iters, device, repeats=1))
+        frozen.append(fwd_bwd_floor(model, x, False, iters, device, repeats=1))
+        full.append(fwd_bwd_floor(model, x, True, iters, device, repeats=1))
+    r_frozen = sorted(g / f for g, f in zip(gen, frozen))
+    r_full = sorted(g / f for g, f in zip(gen, full))
+    return {"gen": statistics.median(gen), "ratio_frozen": statistics.median(r_frozen),
+            "ratio_full": statistics.median(r_full), "ratio_frozen_range": (r_frozen[0], r_frozen[-1])}
+
+
+def paired_eval_ratio(fp32: nn.Module, quantized: nn.Module, batches: list[torch.Tensor], rounds: int = 7,
+                      device="cpu") -> dict:
+    """FP32 and fake-quant inference passes alternated ``rounds`` times; median of the per-round ratios."""
+    t_fp, t_q = [], []
+    for _ in range(rounds):
+        t_fp.append(eval_time(fp32, batches, device, repeats=1))
+        t_q.append(eval_time(quantized, batches, device, repeats=1))
+    ratios = sorted(q / f for q, f in zip(t_q, t_fp))
+    return {"fp32": statistics.median(t_fp), "quantized": statistics.median(t_q),
+            "ratio": statistics.median(ratios), "ratio_range": (ratios[0], ratios[-1])}
+
+
 @torch.inference_mode()
-def eval_time(model: nn.Module, batches: list[torch.Tensor], device="cpu") -> float:
-    """Seconds for one inference pass over ``batches`` (fastest of 7)."""
+def eval_time(model: nn.Module, batches: list[torch.Tensor], device="cpu", repeats: int = 7) -> float:
+    """Seconds for one inference pass over ``batches`` (fastest of ``repeats``)."""
     model = model.to(device).eval()
     batches = [b.to(device) for b in batches]
 
@@ -82,7 +113,7 @@ def eval_time(model: nn.Module, batches: list[torch.Tensor], device="cpu") -> fl
         for b in batches:
             model(b)
 
-    return time_it(run, 7, warmup=1, device=device)
+    return time_it(run, 1, warmup=1, device=device, repeats=repeats)
 
 
 def peak_memory_mb(device="cpu") -> float:
