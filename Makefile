@@ -43,13 +43,15 @@ exp: setup
 ablation: setup
 	python -m stages.profile ablation
 
-# Reconstruction study (CIFAR-10 ResNet-20, W4A4, zeroq/dsg/real data): one experiment per rounding;
-# the synthetic data is generated once and restored from DVC's run-cache for the other three.
+# Reconstruction study (CIFAR-10 ResNet-20, W4A4, zeroq/dsg/real data): one queued experiment per
+# rounding, run one at a time; the first generates the synthetic data, the others restore it from
+# DVC's run-cache. Follow with `dvc queue status`, then `dvc exp show --md`.
 ROUNDINGS ?= nearest adaround brecq qdrop
 recon: setup
-	for r in $(ROUNDINGS); do python -m stages.profile cifar10-resnet20-recon -n recon-$$r \
+	mlflow db upgrade sqlite:///$(abspath mlflow.db)
+	for r in $(ROUNDINGS); do python -m stages.profile cifar10-resnet20-recon --queue -n recon-$$r \
 	  -S quantize.rounding=$$r || exit 1; done
-	dvc exp show --only-changed --md
+	dvc queue start -j 1
 
 # A parameter sweep as queued DVC experiments, two at a time; every run lands in the same MLflow DB
 # (created first: several workers creating a fresh SQLite DB at once would race).
