@@ -2,15 +2,16 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.models import build_model
+from dfq.models import FMNISTResNet
 from dfq.observers import MinMaxObserver
 from dfq.quantize import act_quantizers, calibrate, find_blocks, prepare, set_quant_state, weight_quantized_layers
 from dfq.reconstruction import ReconConfig, beta_at, capture, reconstruct, recon_units, unit_error
 
 
 def _model():
+    """A narrow FMNIST ResNet (3 residual blocks, 2 with 1x1-conv shortcuts) on 16 x 16 inputs."""
     torch.manual_seed(0)
-    m = build_model("fmnist_resnet", 10)
+    m = FMNISTResNet(widths=(8, 12, 16))
     for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
         bn.running_mean.uniform_(-0.2, 0.2)
         bn.running_var.uniform_(0.5, 1.5)
@@ -20,7 +21,7 @@ def _model():
 @pytest.fixture(scope="module")
 def data():
     torch.manual_seed(1)
-    return torch.randn(48, 1, 28, 28)
+    return torch.randn(32, 1, 16, 16)
 
 
 def _on_grid(layer) -> bool:
@@ -55,7 +56,7 @@ def test_capture_matches_a_forward_hook(data):
 @pytest.mark.parametrize("method,protocol", [("adaround", "zeroq"), ("brecq", "brecq"), ("qdrop", "brecq")])
 def test_reconstruction_puts_weights_on_grid_and_lowers_block_error(data, method, protocol):
     model = _model()
-    cfg = ReconConfig(iterations=300, act_iterations=50, batch_size=16)
+    cfg = ReconConfig(iterations=200, act_iterations=50, batch_size=16)
     gm = prepare(model, 3, 4, MinMaxObserver, protocol=protocol)
     out = reconstruct(gm, data, method, cfg)
     assert all(_on_grid(m) for m in weight_quantized_layers(gm)), "every weight sits on its grid"
@@ -75,7 +76,7 @@ def test_block_output_error_lower_than_nearest_rounding_in_the_quantized_model(d
     nearest = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
     calibrate(nearest, [data])
     recon = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
-    reconstruct(recon, data, "brecq", ReconConfig(iterations=300, act_iterations=100, batch_size=16))
+    reconstruct(recon, data, "brecq", ReconConfig(iterations=200, act_iterations=100, batch_size=16))
     for name in recon_units(recon, layerwise=False)[1:-1]:
         set_quant_state(recon, weights=False, acts=False)
         target = capture(recon, name, data, output=True)
