@@ -24,9 +24,7 @@ from dfq.generators import compute_margins, gaussian_batch, plan_batches
 from dfq.io import load_torch, save_text
 from dfq.losses import dsg_loss, lse_weights
 from dfq.models import count_bn, load_checkpoint
-from dfq.observers import MinMaxObserver
-from dfq.quantize import load_calibrated, prepare
-from dfq.quantizers import parse_bits
+from dfq.quantize import load_quantized
 from dfq.report import results_table
 
 
@@ -72,8 +70,7 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(open_eval_dataset("data/prepared/eval", spec), batch_size=500)
     batches = [xb for _, (xb, _) in zip(range(4), loader)]
     qs, qb = sources[0], bits[-1]
-    gm = load_calibrated(prepare(model, *parse_bits(qb), MinMaxObserver),
-                         load_torch(f"models/quant/{qs}-{qb}.pt")["state_dict"])
+    gm = load_quantized(model, load_torch(f"models/quant/{qs}-{qb}.pt"))
     ev = B.paired_eval_ratio(model, gm, batches, device=dev)
     n_eval = sum(len(b) for b in batches)
 
