@@ -109,23 +109,21 @@ class BNInputStats:
         """One value per channel of every layer, concatenated to (sum C_i,): entry i of ``values`` is a
         scalar (one per layer, broadcast over its channels) or a (C_i,) tensor. Cached per list, so
         per-iteration losses pay for it once."""
-        cache = self.__dict__.setdefault("_cache", {})
-        hit = cache.get(id(values))
+        hit = self._cache.get(id(values))
         if hit is None or hit[0] is not values:
             flat = torch.cat([torch.as_tensor(v, dtype=mu.dtype, device=mu.device).expand(mu.shape)
                               for v, mu in zip(values, self.running_mean)])
-            hit = cache[id(values)] = (values, flat)
+            hit = self._cache[id(values)] = (values, flat)
         return hit[1]
 
     def layer_sum(self) -> torch.Tensor:
         """(sum C_i, L) 0/1 matrix: ``per_channel_matrix @ layer_sum()`` sums each layer's channels,
         one matmul for all layers instead of a Python loop of reductions."""
-        cache = self.__dict__.setdefault("_cache", {})
-        if "layer_sum" not in cache:
+        if "layer_sum" not in self._cache:
             sizes = [len(mu) for mu in self.running_mean]
             seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-            cache["layer_sum"] = torch.nn.functional.one_hot(seg, len(sizes)).to(self.running_mean[0])
-        return cache["layer_sum"]
+            self._cache["layer_sum"] = torch.nn.functional.one_hot(seg, len(sizes)).to(self.running_mean[0])
+        return self._cache["layer_sum"]
 
     def check_complete(self) -> None:
         missing = [i for i, m in enumerate(self.means) if m is None]
