@@ -1,0 +1,120 @@
+"""The GPU path (DFQ_DEVICE=cuda): the same library calls on CUDA agree with the CPU.
+
+Skipped where no CUDA device is visible (CI has none); run on a GPU machine with
+``python -m pytest tests/test_cuda.py``.
+"""
+import pytest
+import torch
+from torch import nn
+
+from dfq.bn_stats import BNInputStats, per_sample_stats
+from dfq.evaluate import evaluate
+from dfq.generators import dsg_batch, zeroq_batch
+from dfq.losses import dsg_loss, lse_weights, zeroq_loss
+from dfq.models import FMNISTResNet, build_model
+from dfq.observers import MinMaxObserver, make_observer
+from dfq.quantize import calibrate, prepare, weight_quantized_layers
+from dfq.reconstruction import ReconConfig, reconstruct
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+CUDA = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def no_tf32(monkeypatch):
+    """Compare float32 with float32: no TensorFloat-32 convolutions or matmuls on the GPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def _model():
+    torch.manual_seed(0)
+    m = FMNISTResNet(widths=(8, 12, 16))
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm().clamp_min(1e-12)) < tol
+
+
+def test_fused_moments_gradcheck_on_cuda():
+    a = torch.randn(3, 4, 5, 5, dtype=torch.float64, device=CUDA, requires_grad=True)
+    shift = torch.randn(4, dtype=torch.float64, device=CUDA)
+    assert torch.autograd.gradcheck(lambda t: per_sample_stats(t, shift), (a,))
+
+
+def test_bn_statistic_losses_and_gradients_match_the_cpu():
+    """Forward + backward of the ZeroQ and DSG losses through the hooks, float32, CPU vs CUDA."""
+    model = _model()
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for dev in ("cpu", CUDA):
+        m = model.to(dev)
+        with BNInputStats(m).to(dev) as stats:
+            xd = x.to(dev).requires_grad_(True)
+            m(xd)
+            w = lse_weights(len(x), len(stats), 2.0).to(dev)
+            z = zeroq_loss(xd, stats)
+            d = dsg_loss(xd, stats, None, w)
+            (z + d).backward()
+            results[dev] = (z.detach(), d.detach(), xd.grad)
+    for c, g in zip(results["cpu"], results[CUDA]):
+        assert _close(g, c, 1e-4)
+
+
+def test_generation_runs_on_cuda_and_returns_cpu_images_like_the_cpu_run():
+    shape = (6, 1, 16, 16)
+    xc, ic = zeroq_batch(_model(), shape, 3, iterations=5, device="cpu")
+    xg, ig = zeroq_batch(_model(), shape, 3, iterations=5, device=CUDA)
+    assert xg.device.type == "cpu" and ig["loss_end"] < ig["loss_start"]
+    assert abs(ig["loss_start"] - ic["loss_start"]) < 1e-4 * abs(ic["loss_start"])
+    assert _close(xg, xc, 1e-3)
+    x, info, margins = dsg_batch(_model(), shape, 3, iterations=5, device=CUDA)
+    assert x.device.type == "cpu" and info["loss_end"] < info["loss_start"]
+    assert all(m.device.type == "cpu" for m in margins["mean"] + margins["std"])
+
+
+@pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
+def test_calibrated_fake_quant_model_matches_the_cpu(protocol):
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for dev in ("cpu", CUDA):
+        gm = prepare(_model(), 4, 4, lambda: make_observer("mse"), protocol)
+        calibrate(gm, [x[:8], x[8:]], dev)
+        with torch.no_grad():
+            out[dev] = gm(x.to(dev))
+    # a value sitting on a rounding boundary may round the other way on another device: compare loosely
+    assert _close(out[CUDA], out["cpu"], 2e-2)
+
+
+def test_evaluate_on_cuda_with_a_dataloader():
+    model = _model()
+    data = torch.utils.data.TensorDataset(torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    cpu, gpu = evaluate(model, loader, "cpu"), evaluate(model, loader, CUDA)
+    assert cpu["top1"] == gpu["top1"] and cpu["top5"] == gpu["top5"]
+
+
+def test_reconstruction_on_cuda_puts_weights_on_grid():
+    data = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    gm = prepare(_model(), 3, 4, MinMaxObserver, protocol="brecq")
+    out = reconstruct(gm, data, "qdrop", ReconConfig(iterations=50, batch_size=16), CUDA)
+    assert all(torch.isfinite(torch.tensor(u["error_after"])) for u in out["units"])
+    for layer in weight_quantized_layers(gm):
+        s = layer.weight_scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+        q = layer.weight.detach() / s + layer.weight_zero_point.view_as(s).float()
+        assert layer.weight.device.type == "cuda"
+        assert torch.all((q - q.round()).abs() < 1e-3)
+
+
+def test_torchvision_resnet18_generation_step_on_cuda():
+    """One ImageNet-size step: 224 px, hooks on all 20 BN layers, gradient to the input only."""
+    model = build_model("resnet18", 1000).eval().to(CUDA)
+    with BNInputStats(model).to(CUDA) as stats:
+        x = torch.randn(4, 3, 224, 224, device=CUDA, requires_grad=True)
+        model(x)
+        zeroq_loss(x, stats).backward()
+    assert len(stats) == 20 and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
