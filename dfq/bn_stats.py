@@ -18,30 +18,50 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
 
 
 class _ShiftedMoments(torch.autograd.Function):
-    """First and second raw moments over the last dim of y = a - shift, fused for generation's hot path.
+    """Raw moments E[y], E[y^2] over H x W of y_i = a_i - shift_i for several activations a_i at once.
 
-    Forward: two reductions and no saved temporaries (only ``a`` itself, which autograd already holds).
-    Backward: d/da [g1 . E[y] + g2 . E[y^2]] = (g1 + 2 g2 y) / N, written as ONE broadcast addcmul on
-    ``a`` (c + k * a with per-row c, k), instead of the several full-size temporaries that the unfused
-    expression's autograd graph creates.
+    forward(shift (sum C_i,), a_1 (B, C_1, N_1), a_2, ...) -> m1, m2, both (B, sum C_i).
+    Forward: per activation, one subtraction and two reductions; nothing saved but the activations
+    themselves (which autograd holds anyway). Backward: d/da_i [g1 . E[y] + g2 . E[y^2]] = c + k * a_i
+    with k = 2 g2 / N and c = g1 / N - k * shift computed ONCE for all layers, then ONE broadcast
+    addcmul per activation: the fewest kernels and full-size temporaries per BN layer (each small
+    operation is a kernel launch on a GPU, where launches, not arithmetic, bound generation).
     """
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor, shift: torch.Tensor):
-        y = flat - shift.unsqueeze(-1)
-        n = flat.shape[-1]
-        m1 = y.mean(-1)
-        m2 = torch.linalg.vector_norm(y, dim=-1).square_() / n
-        ctx.save_for_backward(flat, shift)
-        return m1, m2
+    def forward(ctx, shift: torch.Tensor, *flats: torch.Tensor):
+        sizes = [f.shape[1] for f in flats]
+        m1, norms = [], []
+        for f, s in zip(flats, shift.split(sizes)):
+            y = f - s.unsqueeze(-1)
+            m1.append(y.mean(-1))
+            norms.append(torch.linalg.vector_norm(y, dim=-1))
+        n = torch.tensor([float(f.shape[-1]) for f in flats], dtype=shift.dtype)
+        n = n.repeat_interleave(torch.tensor(sizes)).to(shift.device, non_blocking=True)
+        ctx.save_for_backward(shift, n, *flats)
+        return torch.cat(m1, 1), torch.cat(norms, 1).square_() / n
 
     @staticmethod
     def backward(ctx, g1: torch.Tensor, g2: torch.Tensor):
-        flat, shift = ctx.saved_tensors
-        n = flat.shape[-1]
+        shift, n, *flats = ctx.saved_tensors
         k = (2.0 / n) * g2
         c = g1 / n - k * shift
-        return torch.addcmul(c.unsqueeze(-1), flat, k.unsqueeze(-1)), None
+        sizes = [f.shape[1] for f in flats]
+        return None, *(torch.addcmul(ci.unsqueeze(-1), f, ki.unsqueeze(-1))
+                       for f, ci, ki in zip(flats, c.split(sizes, 1), k.split(sizes, 1)))
+
+
+def shifted_moments(activations: list[torch.Tensor], shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, sum C_i) raw moments E[y], E[y^2] over H x W of y_i = a_i - shift_i, every (B, C_i, H_i, W_i)
+    activation a_i at once (``shift``: (sum C_i,), the per-channel shifts side by side)."""
+    flats = [a.flatten(2) for a in activations]
+    return _ShiftedMoments.apply(shift.to(flats[0].dtype), *flats)
+
+
+def moments_to_stats(m1: torch.Tensor, m2: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std from shifted raw moments (any shape that broadcasts with ``shift``)."""
+    var = (m2 - m1 * m1).clamp_min(0)
+    return m1 + shift, torch.sqrt(var + STD_EPS)
 
 
 def per_sample_stats(a: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,20 +71,21 @@ def per_sample_stats(a: torch.Tensor, shift: torch.Tensor | None = None) -> tupl
     forward and one-op backward; torch.var_mean was 2-3x slower on CPU, forward + backward). ``shift``
     (per channel, e.g. the BN running mean) keeps E[y^2] - E[y]^2 well conditioned.
     """
-    flat = a.flatten(2)
     if shift is None:
-        shift = torch.zeros(flat.shape[1], dtype=flat.dtype, device=flat.device)
-    m1, m2 = _ShiftedMoments.apply(flat, shift.to(flat.dtype).expand(flat.shape[0], -1))
-    var = (m2 - m1 * m1).clamp_min(0)
-    return m1 + shift, torch.sqrt(var + STD_EPS)
+        shift = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+    return moments_to_stats(*shifted_moments([a], shift), shift)
 
 
 class BNInputStats:
     """Records per-sample statistics of every BatchNorm2d input during a forward pass.
 
-    Use as a context manager; after ``model(x)``, ``means[i]`` and ``stds[i]`` are (B, C_i) tensors
-    for the i-th BN layer in ``model.modules()`` order, and ``running_mean[i]`` / ``running_std[i]``
-    are the layer's targets mu_i and sigma_i = sqrt(running_var_i + bn.eps).
+    Use as a context manager; after ``model(x)``, ``concatenated()`` is (m, s), both (B, sum C_i): the
+    per-sample channel means and stds of all layers side by side (what the losses use), and ``means[i]``
+    / ``stds[i]`` are layer i's (B, C_i) columns of them, in ``model.modules()`` order;
+    ``running_mean[i]`` / ``running_std[i]`` are the layer's targets mu_i and sigma_i = sqrt(running_var_i
+    + bn.eps). The hooks only record the BN inputs (tensors autograd keeps for the backward pass
+    anyway); the statistics of all layers are computed together on first use after the forward pass,
+    so each layer adds three kernels forward and two backward (see ``_ShiftedMoments``).
     """
 
     def __init__(self, model: nn.Module):
@@ -76,8 +97,8 @@ class BNInputStats:
             )
         self.running_mean = [bn.running_mean.detach().clone() for bn in self.layers]
         self.running_std = [torch.sqrt(bn.running_var.detach() + bn.eps) for bn in self.layers]
-        self.means: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.stds: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._inputs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
         self._cache: dict = {}
 
@@ -86,9 +107,30 @@ class BNInputStats:
 
     def _make_hook(self, i: int):
         def hook(module, inputs):
-            self.means[i], self.stds[i] = per_sample_stats(inputs[0], self.running_mean[i])
+            self._inputs[i] = inputs[0]
+            self._stats = None
 
         return hook
+
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, s): per-sample channel means and stds of every layer, (B, sum C_i), from the last forward."""
+        if self._stats is None:
+            self.check_complete()
+            shift = self.per_channel(self.running_mean)
+            self._stats = moments_to_stats(*shifted_moments(self._inputs, shift), shift)
+            self._inputs = [None] * len(self.layers)  # held by the graph now, or freed (no grad)
+        return self._stats
+
+    def _split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return list(t.split([len(mu) for mu in self.running_mean], 1))
+
+    @property
+    def means(self) -> list[torch.Tensor]:
+        return self._split(self.concatenated()[0])
+
+    @property
+    def stds(self) -> list[torch.Tensor]:
+        return self._split(self.concatenated()[1])
 
     def __enter__(self) -> "BNInputStats":
         self._handles = [bn.register_forward_pre_hook(self._make_hook(i)) for i, bn in enumerate(self.layers)]
@@ -102,7 +144,7 @@ class BNInputStats:
     def to(self, device) -> "BNInputStats":
         self.running_mean = [t.to(device) for t in self.running_mean]
         self.running_std = [t.to(device) for t in self.running_std]
-        self._cache = {}
+        self._cache, self._stats = {}, None
         return self
 
     def per_channel(self, values: list[torch.Tensor]) -> torch.Tensor:
@@ -126,6 +168,8 @@ class BNInputStats:
         return self._cache["layer_sum"]
 
     def check_complete(self) -> None:
-        missing = [i for i, m in enumerate(self.means) if m is None]
+        if self._stats is not None:
+            return
+        missing = [i for i, a in enumerate(self._inputs) if a is None]
         if missing:
             raise RuntimeError(f"BatchNorm layers {missing} were not executed in the forward pass")

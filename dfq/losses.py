@@ -15,7 +15,7 @@ from dfq.bn_stats import BNInputStats, per_sample_stats
 def layer_loss_matrix(stats: BNInputStats) -> torch.Tensor:
     """(B, L) per-sample, per-layer squared distance of the statistics from the running statistics
     (all layers at once: channels concatenated, summed per layer by one matmul)."""
-    m, s = torch.cat(stats.means, 1), torch.cat(stats.stds, 1)
+    m, s = stats.concatenated()
     mu, sigma = stats.per_channel(stats.running_mean), stats.per_channel(stats.running_std)
     return ((m - mu).square() + (s - sigma).square()) @ stats.layer_sum()
 
@@ -61,7 +61,7 @@ def sda_margins(stats: BNInputStats, eps: float, per_channel: bool = False):
 
 def sda_loss_matrix(stats: BNInputStats, mean_margins, std_margins) -> torch.Tensor:
     """(B, L) dead-zone L2: ||max(|m_i - mu_i| - delta_i, 0)||^2 + ||max(|s_i - sigma_i| - gamma_i, 0)||^2."""
-    m, s = torch.cat(stats.means, 1), torch.cat(stats.stds, 1)
+    m, s = stats.concatenated()
     mu, sigma = stats.per_channel(stats.running_mean), stats.per_channel(stats.running_std)
     d, g = stats.per_channel(mean_margins), stats.per_channel(std_margins)
     rm = torch.relu((m - mu).abs() - d)

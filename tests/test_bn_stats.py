@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dfq.bn_stats import STD_EPS, BNInputStats, per_sample_stats
+from dfq.bn_stats import STD_EPS, BNInputStats, per_sample_stats, shifted_moments
 
 
 def test_per_sample_stats_match_direct_computation():
@@ -53,3 +53,24 @@ def test_fused_moments_gradients_match_autograd_of_the_plain_formula():
     g_ref = torch.autograd.grad((w1 * m_ref + w2 * s_ref).sum(), a)[0]
     assert torch.allclose(g, g_ref, atol=1e-10)
     assert torch.autograd.gradcheck(lambda t: per_sample_stats(t, shift), (a,))
+
+
+def test_moments_of_several_layers_at_once():
+    """One Function call for layers of different widths and sizes: values and gradients (gradcheck)."""
+    a = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 2, 3, 5, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(5, dtype=torch.float64)
+    m1, m2 = shifted_moments([a, b], shift)
+    ya, yb = a - shift[:3, None, None], b - shift[3:, None, None]
+    assert torch.allclose(m1, torch.cat([ya.mean((2, 3)), yb.mean((2, 3))], 1))
+    assert torch.allclose(m2, torch.cat([ya.square().mean((2, 3)), yb.square().mean((2, 3))], 1))
+    assert torch.autograd.gradcheck(lambda a, b: shifted_moments([a, b], shift), (a, b))
+
+
+def test_stats_release_the_recorded_inputs_once_computed(tiny_bn):
+    with BNInputStats(tiny_bn) as stats:
+        tiny_bn(torch.randn(4, 1, 8, 8))
+        assert all(a is not None for a in stats._inputs)
+        m = stats.means
+        assert all(a is None for a in stats._inputs)  # the autograd graph holds them, not the hooks
+        assert [t.shape[1] for t in m] == [4, 6] and stats.concatenated()[0].shape == (4, 10)

@@ -55,10 +55,10 @@ def test_lse_scales_the_gradient_at_the_tied_layer(tiny_bn, w):
     grads = {}
     for lse in (False, True):
         stats = forward_stats(tiny_bn, x)
-        for m in stats.means:
-            m.retain_grad()
+        means = stats.concatenated()[0]
+        means.retain_grad()
         dsg_loss(x, stats, None, lse_weights(4, 2, w) if lse else None).backward()
-        grads[lse] = [m.grad.clone() for m in stats.means]
+        grads[lse] = list(means.grad.split([len(mu) for mu in stats.running_mean], 1))
     for j in range(4):
         for i in range(2):
             ratio = grads[True][i][j].norm() / grads[False][i][j].norm()
