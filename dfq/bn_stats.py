@@ -20,25 +20,29 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
 class _ShiftedMoments(torch.autograd.Function):
     """Raw moments E[y], E[y^2] over H x W of y_i = a_i - shift_i for several activations a_i at once.
 
-    forward(shift (sum C_i,), a_1 (B, C_1, N_1), a_2, ...) -> m1, m2, both (B, sum C_i).
-    Forward: per activation, one subtraction and two reductions; nothing saved but the activations
-    themselves (which autograd holds anyway). Backward: d/da_i [g1 . E[y] + g2 . E[y^2]] = c + k * a_i
+    forward(shift (sum C_i,), n (sum C_i,) = H_i W_i per channel, a_1 (B, C_1, N_1), a_2, ...)
+    -> m1, m2, both (B, sum C_i). Forward per activation: on the CPU one subtraction and two reductions
+    (the shift keeps E[y^2] - E[y]^2 well conditioned), on a GPU one Welford ``var_mean`` pass (2x
+    slower than that on the CPU), shifted afterwards over all layers at once. Nothing is saved but the
+    activations (which autograd holds anyway). Backward: d/da_i [g1 . E[y] + g2 . E[y^2]] = c + k * a_i
     with k = 2 g2 / N and c = g1 / N - k * shift computed ONCE for all layers, then ONE broadcast
-    addcmul per activation: the fewest kernels and full-size temporaries per BN layer (each small
-    operation is a kernel launch on a GPU, where launches, not arithmetic, bound generation).
+    addcmul per activation: the fewest kernels and full-size temporaries per BN layer (on a GPU,
+    kernel launches, not arithmetic, bound generation at moderate batch sizes).
     """
 
     @staticmethod
-    def forward(ctx, shift: torch.Tensor, *flats: torch.Tensor):
+    def forward(ctx, shift: torch.Tensor, n: torch.Tensor, *flats: torch.Tensor):
         sizes = [f.shape[1] for f in flats]
+        ctx.save_for_backward(shift, n, *flats)
+        if flats[0].is_cuda:
+            var_mean = [torch.var_mean(f, -1, correction=0) for f in flats]
+            m1 = torch.cat([m for _, m in var_mean], 1) - shift
+            return m1, torch.addcmul(torch.cat([v for v, _ in var_mean], 1), m1, m1)
         m1, norms = [], []
-        for f, s in zip(flats, shift.split(sizes)):
-            y = f - s.unsqueeze(-1)
+        for f, s in zip(flats, shift.view(-1, 1).split(sizes)):
+            y = f - s
             m1.append(y.mean(-1))
             norms.append(torch.linalg.vector_norm(y, dim=-1))
-        n = torch.tensor([float(f.shape[-1]) for f in flats], dtype=shift.dtype)
-        n = n.repeat_interleave(torch.tensor(sizes)).to(shift.device, non_blocking=True)
-        ctx.save_for_backward(shift, n, *flats)
         return torch.cat(m1, 1), torch.cat(norms, 1).square_() / n
 
     @staticmethod
@@ -47,15 +51,25 @@ class _ShiftedMoments(torch.autograd.Function):
         k = (2.0 / n) * g2
         c = g1 / n - k * shift
         sizes = [f.shape[1] for f in flats]
-        return None, *(torch.addcmul(ci.unsqueeze(-1), f, ki.unsqueeze(-1))
-                       for f, ci, ki in zip(flats, c.split(sizes, 1), k.split(sizes, 1)))
+        return None, None, *(torch.addcmul(ci, f, ki) for f, ci, ki in
+                             zip(flats, c.unsqueeze(-1).split(sizes, 1), k.unsqueeze(-1).split(sizes, 1)))
 
 
-def shifted_moments(activations: list[torch.Tensor], shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_counts(activations: list[torch.Tensor]) -> torch.Tensor:
+    """(sum C_i,) the number of spatial positions H_i W_i, repeated for each channel of each activation."""
+    a0 = activations[0]
+    return torch.cat([torch.full((a.shape[1],), float(a.shape[2:].numel()), dtype=a0.dtype, device=a0.device)
+                      for a in activations])
+
+
+def shifted_moments(activations: list[torch.Tensor], shift: torch.Tensor,
+                    counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, sum C_i) raw moments E[y], E[y^2] over H x W of y_i = a_i - shift_i, every (B, C_i, H_i, W_i)
-    activation a_i at once (``shift``: (sum C_i,), the per-channel shifts side by side)."""
+    activation a_i at once (``shift``: (sum C_i,), the per-channel shifts side by side; ``counts``:
+    ``channel_counts(activations)``, passed in by callers that cache it)."""
     flats = [a.flatten(2) for a in activations]
-    return _ShiftedMoments.apply(shift.to(flats[0].dtype), *flats)
+    counts = channel_counts(activations) if counts is None else counts
+    return _ShiftedMoments.apply(shift.to(flats[0].dtype), counts, *flats)
 
 
 def moments_to_stats(m1: torch.Tensor, m2: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +131,10 @@ class BNInputStats:
         if self._stats is None:
             self.check_complete()
             shift = self.per_channel(self.running_mean)
-            self._stats = moments_to_stats(*shifted_moments(self._inputs, shift), shift)
+            key = ("counts", *(a.shape[1:] for a in self._inputs))
+            if key not in self._cache:
+                self._cache[key] = channel_counts(self._inputs)
+            self._stats = moments_to_stats(*shifted_moments(self._inputs, shift, self._cache[key]), shift)
             self._inputs = [None] * len(self.layers)  # held by the graph now, or freed (no grad)
         return self._stats
 
