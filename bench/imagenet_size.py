@@ -23,12 +23,12 @@ from dfq.observers import MinMaxObserver
 from dfq.quantize import calibrate, prepare
 
 
-def generation_rows(model, shape, batch: int, iters: int, dev: str) -> list[tuple]:
+def generation_rows(model, shape, batch: int, iters: int, dev: str, fmt=torch.contiguous_format) -> list[tuple]:
     rows = []
     num_bn = count_bn(model)
     for method in ("zeroq", "dsg"):
         n = batch if method == "zeroq" else num_bn * max(1, round(batch / num_bn))  # DSG: whole multiples of L
-        x = gaussian_batch((n, *shape), 0)
+        x = gaussian_batch((n, *shape), 0).contiguous(memory_format=fmt)
         kw = {}
         if method == "dsg":
             margins = compute_margins(model, x.shape, 0, 0.9, False, dev)
@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
     ap.add_argument("--eval-batch", type=int, default=256)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--out", default=None, help="default: reports/bench-<device>-<arch>.md")
+    ap.add_argument("--channels-last", action="store_true", help="model and images in channels_last (NHWC)")
+    ap.add_argument("--out", default=None, help="default: reports/bench-<device>-<arch>[-channels-last].md")
     args = ap.parse_args()
     dev = os.environ.get("DFQ_DEVICE", "cpu")
     torch.backends.cudnn.benchmark = True
@@ -63,28 +64,32 @@ def main() -> None:
     model = build_model(args.arch, 1000).eval()
     if args.weights:
         load_state_dict(model, load_torch(args.weights), args.weights)
-    model.to(dev)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(dev, memory_format=fmt)
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else (platform.processor() or platform.machine())
 
-    gen = [row for b in args.batches for row in generation_rows(model, shape, b, args.iters, dev)]
+    gen = [row for b in args.batches for row in generation_rows(model, shape, b, args.iters, dev, fmt)]
 
-    batches = [torch.randn(args.eval_batch, *shape, generator=torch.Generator().manual_seed(i))
-               for i in range(args.eval_batches)]
+    batches = [torch.randn(args.eval_batch, *shape, generator=torch.Generator().manual_seed(i)).contiguous(
+               memory_format=fmt) for i in range(args.eval_batches)]
     n_eval = args.eval_batch * args.eval_batches
     evals = []
     for protocol in ("zeroq", "brecq"):
         gm = prepare(model.cpu(), 4, 4, MinMaxObserver, protocol)
         calibrate(gm, [gaussian_batch((64, *shape), 1)], dev)
-        model.to(dev)
+        model.to(dev, memory_format=fmt)
+        gm.to(memory_format=fmt)
         ev = B.paired_eval_ratio(model, gm, batches, device=dev)
         evals.append((protocol, ev))
         print(f"eval {protocol} W4A4: {n_eval / ev['quantized']:.0f} img/s vs FP32 {n_eval / ev['fp32']:.0f} img/s, "
               f"ratio {ev['ratio']:.2f}", flush=True)
         del gm
 
-    lines = [f"# ImageNet-size benchmark: `{args.arch}` at {shape[1]}x{shape[2]} on `{dev}`", "",
+    layout = "channels_last" if args.channels_last else "NCHW"
+    lines = [f"# ImageNet-size benchmark: `{args.arch}` at {shape[1]}x{shape[2]} on `{dev}`, {layout}", "",
              f"{name}; torch {torch.__version__}; weights: {args.weights or 'random initialisation'}; "
-             f"`python -m bench.imagenet_size --batches {' '.join(map(str, args.batches))}`.", "",
+             f"`python -m bench.imagenet_size --batches {' '.join(map(str, args.batches))}"
+             f"{' --channels-last' if args.channels_last else ''}` (model, images and floors alike in {layout}).", "",
              "## Generation (one iteration: forward with BN-statistic hooks, loss, backward to the images, Adam)", "",
              "Ratios: median of 5 rounds, each timing the generation loop and both floors back to back (range).", "",
              "| method | batch | ms/iter | / fwd+bwd frozen weights (target <= 1.3) | / fwd+bwd with weight grads "
@@ -103,7 +108,7 @@ def main() -> None:
         lines.append(f"| fake-quant, {protocol} protocol | {n_eval / ev['quantized']:.0f} | {ev['ratio']:.2f} "
                      f"({ev['ratio_range'][0]:.2f}-{ev['ratio_range'][1]:.2f}) |")
     lines.append("")
-    out = args.out or f"reports/bench-{dev.split(':')[0]}-{args.arch}.md"
+    out = args.out or f"reports/bench-{dev.split(':')[0]}-{args.arch}{'-channels-last' if args.channels_last else ''}.md"
     save_text("\n".join(lines), out)
     print("\n".join(lines))
 

@@ -20,39 +20,40 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
 class _ShiftedMoments(torch.autograd.Function):
     """Raw moments E[y], E[y^2] over H x W of y_i = a_i - shift_i for several activations a_i at once.
 
-    forward(shift (sum C_i,), n (sum C_i,) = H_i W_i per channel, a_1 (B, C_1, N_1), a_2, ...)
+    forward(shift (sum C_i,), n (sum C_i,) = H_i W_i per channel, a_1 (B, C_1, H_1, W_1), a_2, ...)
     -> m1, m2, both (B, sum C_i). Forward per activation: on the CPU one subtraction and two reductions
     (the shift keeps E[y^2] - E[y]^2 well conditioned), on a GPU one Welford ``var_mean`` pass (2x
     slower than that on the CPU), shifted afterwards over all layers at once. Nothing is saved but the
     activations (which autograd holds anyway). Backward: d/da_i [g1 . E[y] + g2 . E[y^2]] = c + k * a_i
     with k = 2 g2 / N and c = g1 / N - k * shift computed ONCE for all layers, then ONE broadcast
     addcmul per activation: the fewest kernels and full-size temporaries per BN layer (on a GPU,
-    kernel launches, not arithmetic, bound generation at moderate batch sizes).
+    kernel launches, not arithmetic, bound generation at moderate batch sizes). Any memory format:
+    the GPU path reduces over dims (2, 3) and the gradient takes the activation's layout.
     """
 
     @staticmethod
-    def forward(ctx, shift: torch.Tensor, n: torch.Tensor, *flats: torch.Tensor):
-        sizes = [f.shape[1] for f in flats]
-        ctx.save_for_backward(shift, n, *flats)
-        if flats[0].is_cuda:
-            var_mean = [torch.var_mean(f, -1, correction=0) for f in flats]
+    def forward(ctx, shift: torch.Tensor, n: torch.Tensor, *acts: torch.Tensor):
+        sizes = [a.shape[1] for a in acts]
+        ctx.save_for_backward(shift, n, *acts)
+        if acts[0].is_cuda:
+            var_mean = [torch.var_mean(a, (2, 3), correction=0) for a in acts]
             m1 = torch.cat([m for _, m in var_mean], 1) - shift
             return m1, torch.addcmul(torch.cat([v for v, _ in var_mean], 1), m1, m1)
         m1, norms = [], []
-        for f, s in zip(flats, shift.view(-1, 1).split(sizes)):
-            y = f - s
+        for a, s in zip(acts, shift.view(-1, 1).split(sizes)):
+            y = a.flatten(2) - s
             m1.append(y.mean(-1))
             norms.append(torch.linalg.vector_norm(y, dim=-1))
         return torch.cat(m1, 1), torch.cat(norms, 1).square_() / n
 
     @staticmethod
     def backward(ctx, g1: torch.Tensor, g2: torch.Tensor):
-        shift, n, *flats = ctx.saved_tensors
+        shift, n, *acts = ctx.saved_tensors
         k = (2.0 / n) * g2
         c = g1 / n - k * shift
-        sizes = [f.shape[1] for f in flats]
-        return None, None, *(torch.addcmul(ci, f, ki) for f, ci, ki in
-                             zip(flats, c.unsqueeze(-1).split(sizes, 1), k.unsqueeze(-1).split(sizes, 1)))
+        sizes = [a.shape[1] for a in acts]
+        c, k = c[:, :, None, None].split(sizes, 1), k[:, :, None, None].split(sizes, 1)
+        return None, None, *(torch.addcmul(ci, a, ki) for a, ci, ki in zip(acts, c, k))
 
 
 def channel_counts(activations: list[torch.Tensor]) -> torch.Tensor:
@@ -67,9 +68,8 @@ def shifted_moments(activations: list[torch.Tensor], shift: torch.Tensor,
     """(B, sum C_i) raw moments E[y], E[y^2] over H x W of y_i = a_i - shift_i, every (B, C_i, H_i, W_i)
     activation a_i at once (``shift``: (sum C_i,), the per-channel shifts side by side; ``counts``:
     ``channel_counts(activations)``, passed in by callers that cache it)."""
-    flats = [a.flatten(2) for a in activations]
     counts = channel_counts(activations) if counts is None else counts
-    return _ShiftedMoments.apply(shift.to(flats[0].dtype), counts, *flats)
+    return _ShiftedMoments.apply(shift.to(activations[0].dtype), counts, *activations)
 
 
 def moments_to_stats(m1: torch.Tensor, m2: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,3 +119,17 @@ def test_torchvision_resnet18_generation_step_on_cuda():
         model(x)
         zeroq_loss(x, stats).backward()
     assert len(stats) == 20 and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_statistics_of_a_channels_last_activation_match_contiguous_ones():
+    a = torch.randn(4, 8, 14, 14, device=CUDA, dtype=torch.float64)
+    shift = torch.randn(8, device=CUDA, dtype=torch.float64)
+    grads = []
+    for t in (a.clone(), a.contiguous(memory_format=torch.channels_last)):
+        t.requires_grad_(True)
+        m, s = per_sample_stats(t, shift)
+        (m.square().sum() + s.sum()).backward()
+        grads.append((m.detach(), s.detach(), t.grad))
+    for u, v in zip(*grads):
+        assert torch.allclose(u, v)
+    assert grads[1][2].is_contiguous(memory_format=torch.channels_last)
