@@ -82,8 +82,8 @@ def per_sample_stats(a: torch.Tensor, shift: torch.Tensor | None = None) -> tupl
     """Per-sample, per-channel mean and std over the spatial dimensions of a (B, C, H, W) tensor.
 
     Computed from the raw moments E[y], E[y^2] of y = a - shift by a fused autograd Function (cheap
-    forward and one-op backward; torch.var_mean was 2-3x slower on CPU, forward + backward). ``shift``
-    (per channel, e.g. the BN running mean) keeps E[y^2] - E[y]^2 well conditioned.
+    forward and one-op backward; see ``_ShiftedMoments``). ``shift`` (per channel, e.g. the BN running
+    mean) keeps E[y^2] - E[y]^2 well conditioned.
     """
     if shift is None:
         shift = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
@@ -99,7 +99,7 @@ class BNInputStats:
     ``running_mean[i]`` / ``running_std[i]`` are the layer's targets mu_i and sigma_i = sqrt(running_var_i
     + bn.eps). The hooks only record the BN inputs (tensors autograd keeps for the backward pass
     anyway); the statistics of all layers are computed together on first use after the forward pass,
-    so each layer adds three kernels forward and two backward (see ``_ShiftedMoments``).
+    so each layer adds three kernels forward (one on a GPU) and two backward (see ``_ShiftedMoments``).
     """
 
     def __init__(self, model: nn.Module):
