@@ -52,8 +52,12 @@ class _ShiftedMoments(torch.autograd.Function):
         k = (2.0 / n) * g2
         c = g1 / n - k * shift
         sizes = [a.shape[1] for a in acts]
-        c, k = c[:, :, None, None].split(sizes, 1), k[:, :, None, None].split(sizes, 1)
-        return None, None, *(torch.addcmul(ci, a, ki) for a, ci, ki in zip(acts, c, k))
+        if acts[0].is_cuda:  # 4-D: any memory format, no copy
+            c, k = c[:, :, None, None].split(sizes, 1), k[:, :, None, None].split(sizes, 1)
+            return None, None, *(torch.addcmul(ci, a, ki) for a, ci, ki in zip(acts, c, k))
+        # CPU: over (B, C, H*W) rows, 1.4x faster there than the 4-D broadcast
+        c, k = c.unsqueeze(-1).split(sizes, 1), k.unsqueeze(-1).split(sizes, 1)
+        return None, None, *(torch.addcmul(ci, a.flatten(2), ki).view_as(a) for a, ci, ki in zip(acts, c, k))
 
 
 def channel_counts(activations: list[torch.Tensor]) -> torch.Tensor:
@@ -97,9 +101,12 @@ class BNInputStats:
     per-sample channel means and stds of all layers side by side (what the losses use), and ``means[i]``
     / ``stds[i]`` are layer i's (B, C_i) columns of them, in ``model.modules()`` order;
     ``running_mean[i]`` / ``running_std[i]`` are the layer's targets mu_i and sigma_i = sqrt(running_var_i
-    + bn.eps). The hooks only record the BN inputs (tensors autograd keeps for the backward pass
-    anyway); the statistics of all layers are computed together on first use after the forward pass,
-    so each layer adds three kernels forward (one on a GPU) and two backward (see ``_ShiftedMoments``).
+    + bn.eps). On a GPU the hooks only record the BN inputs (tensors autograd keeps for the backward
+    pass anyway) and the moments of all layers are computed in ONE Function call on first use, so each
+    layer adds one kernel forward and two backward (launches bound a GPU iteration). On the CPU each
+    hook computes its layer's moments at once, while the activation is still in cache, and its
+    gradient is formed when the backward pass reaches that layer (deferring both was 1.3x slower on
+    CIFAR ResNet-20, 2 cores); only the cheap rest runs once over all layers' channels.
     """
 
     def __init__(self, model: nn.Module):
@@ -111,7 +118,8 @@ class BNInputStats:
             )
         self.running_mean = [bn.running_mean.detach().clone() for bn in self.layers]
         self.running_std = [torch.sqrt(bn.running_var.detach() + bn.eps) for bn in self.layers]
-        self._inputs: list[torch.Tensor | None] = [None] * len(self.layers)
+        # per layer: the BN input (GPU, deferred) or its (m1, m2) raw moments (CPU, computed in the hook)
+        self._recorded: list = [None] * len(self.layers)
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
         self._cache: dict = {}
@@ -121,7 +129,8 @@ class BNInputStats:
 
     def _make_hook(self, i: int):
         def hook(module, inputs):
-            self._inputs[i] = inputs[0]
+            a = inputs[0]
+            self._recorded[i] = a if a.is_cuda else shifted_moments([a], self.running_mean[i], self._counts([a]))
             self._stats = None
 
         return hook
@@ -131,12 +140,20 @@ class BNInputStats:
         if self._stats is None:
             self.check_complete()
             shift = self.per_channel(self.running_mean)
-            key = ("counts", *(a.shape[1:] for a in self._inputs))
-            if key not in self._cache:
-                self._cache[key] = channel_counts(self._inputs)
-            self._stats = moments_to_stats(*shifted_moments(self._inputs, shift, self._cache[key]), shift)
-            self._inputs = [None] * len(self.layers)  # held by the graph now, or freed (no grad)
+            rec = self._recorded
+            if isinstance(rec[0], torch.Tensor):
+                m1, m2 = shifted_moments(rec, shift, self._counts(rec))
+            else:
+                m1, m2 = torch.cat([r[0] for r in rec], 1), torch.cat([r[1] for r in rec], 1)
+            self._stats = moments_to_stats(m1, m2, shift)
+            self._recorded = [None] * len(self.layers)  # inputs are held by the graph now, or freed
         return self._stats
+
+    def _counts(self, activations: list[torch.Tensor]) -> torch.Tensor:
+        key = ("counts", *(a.shape[1:] for a in activations))
+        if key not in self._cache:
+            self._cache[key] = channel_counts(activations)
+        return self._cache[key]
 
     def _split(self, t: torch.Tensor) -> list[torch.Tensor]:
         return list(t.split([len(mu) for mu in self.running_mean], 1))
@@ -187,6 +204,6 @@ class BNInputStats:
     def check_complete(self) -> None:
         if self._stats is not None:
             return
-        missing = [i for i, a in enumerate(self._inputs) if a is None]
+        missing = [i for i, r in enumerate(self._recorded) if r is None]
         if missing:
             raise RuntimeError(f"BatchNorm layers {missing} were not executed in the forward pass")

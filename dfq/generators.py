@@ -6,8 +6,8 @@ depends on which process made it or on which batches were made before it.
 from __future__ import annotations
 
 import contextlib
-import math
 import hashlib
+import math
 import time
 from typing import Callable, Iterator
 

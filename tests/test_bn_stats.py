@@ -70,7 +70,7 @@ def test_moments_of_several_layers_at_once():
 def test_stats_release_the_recorded_inputs_once_computed(tiny_bn):
     with BNInputStats(tiny_bn) as stats:
         tiny_bn(torch.randn(4, 1, 8, 8))
-        assert all(a is not None for a in stats._inputs)
+        assert all(r is not None for r in stats._recorded)
         m = stats.means
-        assert all(a is None for a in stats._inputs)  # the autograd graph holds them, not the hooks
+        assert all(r is None for r in stats._recorded)  # the autograd graph holds them, not the hooks
         assert [t.shape[1] for t in m] == [4, 6] and stats.concatenated()[0].shape == (4, 10)
