@@ -25,10 +25,11 @@ class _ShiftedMoments(torch.autograd.Function):
     (the shift keeps E[y^2] - E[y]^2 well conditioned), on a GPU one Welford ``var_mean`` pass (2x
     slower than that on the CPU), shifted afterwards over all layers at once. Nothing is saved but the
     activations (which autograd holds anyway). Backward: d/da_i [g1 . E[y] + g2 . E[y^2]] = c + k * a_i
-    with k = 2 g2 / N and c = g1 / N - k * shift computed ONCE for all layers, then ONE broadcast
-    addcmul per activation: the fewest kernels and full-size temporaries per BN layer (on a GPU,
-    kernel launches, not arithmetic, bound generation at moderate batch sizes). Any memory format:
-    the GPU path reduces over dims (2, 3) and the gradient takes the activation's layout.
+    with k = 2 g2 / N and c = g1 / N - k * shift computed once per call (for all layers on a GPU,
+    where BNInputStats makes one call), then ONE broadcast addcmul per activation: the fewest kernels
+    and full-size temporaries per BN layer (on a GPU, kernel launches, not arithmetic, bound generation
+    at moderate batch sizes). Any memory format: the GPU path reduces over dims (2, 3) and the
+    gradient takes the activation's layout.
     """
 
     @staticmethod
