@@ -61,3 +61,22 @@ def wait_for_http(url: str, proc, timeout: float, what: str) -> None:
             if time.time() > deadline or proc.poll() is not None:
                 pytest.fail(f"{what} did not come up within {timeout:.0f} s")
             time.sleep(0.3)
+
+
+def _narrow_resnet():
+    """A narrow FMNIST ResNet (3 residual blocks, 2 with 1x1-conv shortcuts) for 16 x 16 inputs, with
+    non-trivial BN running statistics; the same weights on every call."""
+    from dfq.models import FMNISTResNet
+
+    torch.manual_seed(0)
+    m = FMNISTResNet(widths=(8, 12, 16))
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+@pytest.fixture
+def narrow_resnet():
+    """Factory: ``narrow_resnet()`` builds a fresh copy of the narrow test ResNet."""
+    return _narrow_resnet

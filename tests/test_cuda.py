@@ -5,13 +5,12 @@ Skipped where no CUDA device is visible (CI has none); run on a GPU machine with
 """
 import pytest
 import torch
-from torch import nn
 
 from dfq.bn_stats import BNInputStats, per_sample_stats
 from dfq.evaluate import evaluate
 from dfq.generators import dsg_batch, zeroq_batch
 from dfq.losses import dsg_loss, lse_weights, zeroq_loss
-from dfq.models import FMNISTResNet, build_model
+from dfq.models import build_model
 from dfq.observers import MinMaxObserver, make_observer
 from dfq.quantize import calibrate, prepare, weight_quantized_layers
 from dfq.reconstruction import ReconConfig, reconstruct
@@ -24,16 +23,10 @@ CUDA = "cuda"
 def no_tf32(monkeypatch):
     """Compare float32 with float32: no TensorFloat-32 convolutions or matmuls on the GPU."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
-def _model():
-    torch.manual_seed(0)
-    m = FMNISTResNet(widths=(8, 12, 16))
-    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 1.5)
-    return m.eval()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(precision)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
@@ -46,9 +39,9 @@ def test_fused_moments_gradcheck_on_cuda():
     assert torch.autograd.gradcheck(lambda t: per_sample_stats(t, shift), (a,))
 
 
-def test_bn_statistic_losses_and_gradients_match_the_cpu():
+def test_bn_statistic_losses_and_gradients_match_the_cpu(narrow_resnet):
     """Forward + backward of the ZeroQ and DSG losses through the hooks, float32, CPU vs CUDA."""
-    model = _model()
+    model = narrow_resnet()
     x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     results = {}
     for dev in ("cpu", CUDA):
@@ -65,25 +58,25 @@ def test_bn_statistic_losses_and_gradients_match_the_cpu():
         assert _close(g, c, 1e-4)
 
 
-def test_generation_runs_on_cuda_and_returns_cpu_images_like_the_cpu_run():
+def test_generation_runs_on_cuda_and_returns_cpu_images_like_the_cpu_run(narrow_resnet):
     shape = (6, 1, 16, 16)
-    xc, ic = zeroq_batch(_model(), shape, 3, iterations=5, device="cpu")
-    xg, ig = zeroq_batch(_model().to(CUDA), shape, 3, iterations=5, device=CUDA)  # the stage moves the model
+    xc, ic = zeroq_batch(narrow_resnet(), shape, 3, iterations=5, device="cpu")
+    xg, ig = zeroq_batch(narrow_resnet().to(CUDA), shape, 3, iterations=5, device=CUDA)  # the stage moves the model
     assert xg.device.type == "cpu" and ig["loss_end"] < ig["loss_start"]
     assert abs(ig["loss_start"] - ic["loss_start"]) < 1e-4 * abs(ic["loss_start"])
     # Adam's first steps are nearly sign(gradient): compare the loss reached, not pixel by pixel
     assert abs(ig["loss_end"] - ic["loss_end"]) < 1e-2 * abs(ic["loss_end"])
-    x, info, margins = dsg_batch(_model().to(CUDA), shape, 3, iterations=5, device=CUDA)
+    x, info, margins = dsg_batch(narrow_resnet().to(CUDA), shape, 3, iterations=5, device=CUDA)
     assert x.device.type == "cpu" and info["loss_end"] < info["loss_start"]
     assert all(m.device.type == "cpu" for m in margins["mean"] + margins["std"])
 
 
 @pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
-def test_calibrated_fake_quant_model_matches_the_cpu(protocol):
+def test_calibrated_fake_quant_model_matches_the_cpu(protocol, narrow_resnet):
     x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     out = {}
     for dev in ("cpu", CUDA):
-        gm = prepare(_model(), 4, 4, lambda: make_observer("mse"), protocol)
+        gm = prepare(narrow_resnet(), 4, 4, lambda: make_observer("mse"), protocol)
         calibrate(gm, [x[:8], x[8:]], dev)
         with torch.no_grad():
             out[dev] = gm(x.to(dev))
@@ -91,17 +84,17 @@ def test_calibrated_fake_quant_model_matches_the_cpu(protocol):
     assert _close(out[CUDA], out["cpu"], 2e-2)
 
 
-def test_evaluate_on_cuda_with_a_dataloader():
-    model = _model()
+def test_evaluate_on_cuda_with_a_dataloader(narrow_resnet):
+    model = narrow_resnet()
     data = torch.utils.data.TensorDataset(torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,)))
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     cpu, gpu = evaluate(model, loader, "cpu"), evaluate(model, loader, CUDA)
     assert cpu["top1"] == gpu["top1"] and cpu["top5"] == gpu["top5"]
 
 
-def test_reconstruction_on_cuda_puts_weights_on_grid():
+def test_reconstruction_on_cuda_puts_weights_on_grid(narrow_resnet):
     data = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(4))
-    gm = prepare(_model(), 3, 4, MinMaxObserver, protocol="brecq")
+    gm = prepare(narrow_resnet(), 3, 4, MinMaxObserver, protocol="brecq")
     out = reconstruct(gm, data, "qdrop", ReconConfig(iterations=50, batch_size=16), CUDA)
     assert all(torch.isfinite(torch.tensor(u["error_after"])) for u in out["units"])
     for layer in weight_quantized_layers(gm):

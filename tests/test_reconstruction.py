@@ -1,21 +1,9 @@
 import pytest
 import torch
-from torch import nn
 
-from dfq.models import FMNISTResNet
 from dfq.observers import MinMaxObserver
 from dfq.quantize import act_quantizers, calibrate, find_blocks, prepare, set_quant_state, weight_quantized_layers
 from dfq.reconstruction import ReconConfig, beta_at, capture, reconstruct, recon_units, unit_error
-
-
-def _model():
-    """A narrow FMNIST ResNet (3 residual blocks, 2 with 1x1-conv shortcuts) on 16 x 16 inputs."""
-    torch.manual_seed(0)
-    m = FMNISTResNet(widths=(8, 12, 16))
-    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 1.5)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +19,9 @@ def _on_grid(layer) -> bool:
     return bool(torch.all((q - q.round()).abs() < 1e-3) and q.min() > -1e-3 and q.max() < 2**layer.weight_bits - 1 + 1e-3)
 
 
-def test_units_are_blocks_plus_outer_layers_or_every_layer():
-    gm = prepare(_model(), 4, 4, MinMaxObserver, protocol="brecq")
-    assert find_blocks(_model()) == ["layers.0", "layers.1", "layers.2"]
+def test_units_are_blocks_plus_outer_layers_or_every_layer(narrow_resnet):
+    gm = prepare(narrow_resnet(), 4, 4, MinMaxObserver, protocol="brecq")
+    assert find_blocks(narrow_resnet()) == ["layers.0", "layers.1", "layers.2"]
     blocks = recon_units(gm, layerwise=False)
     layers = recon_units(gm, layerwise=True)
     assert len(layers) == len(weight_quantized_layers(gm)) == 10
@@ -41,8 +29,8 @@ def test_units_are_blocks_plus_outer_layers_or_every_layer():
     assert blocks[0] == layers[0] and blocks[-1] == layers[-1]
 
 
-def test_capture_matches_a_forward_hook(data):
-    gm = prepare(_model(), 4, 4, MinMaxObserver)
+def test_capture_matches_a_forward_hook(data, narrow_resnet):
+    gm = prepare(narrow_resnet(), 4, 4, MinMaxObserver)
     set_quant_state(gm, weights=False, acts=False)
     name = recon_units(gm, layerwise=False)[2]
     seen = []
@@ -54,8 +42,8 @@ def test_capture_matches_a_forward_hook(data):
 
 
 @pytest.mark.parametrize("method,protocol", [("adaround", "zeroq"), ("brecq", "brecq"), ("qdrop", "brecq")])
-def test_reconstruction_puts_weights_on_grid_and_lowers_block_error(data, method, protocol):
-    model = _model()
+def test_reconstruction_puts_weights_on_grid_and_lowers_block_error(data, method, protocol, narrow_resnet):
+    model = narrow_resnet()
     cfg = ReconConfig(iterations=200, act_iterations=50, batch_size=16)
     gm = prepare(model, 3, 4, MinMaxObserver, protocol=protocol)
     out = reconstruct(gm, data, method, cfg)
@@ -69,10 +57,10 @@ def test_reconstruction_puts_weights_on_grid_and_lowers_block_error(data, method
     assert not any("adaround" in k or "scale_param" in k for k in gm.state_dict())
 
 
-def test_block_output_error_lower_than_nearest_rounding_in_the_quantized_model(data):
+def test_block_output_error_lower_than_nearest_rounding_in_the_quantized_model(data, narrow_resnet):
     """End to end on a tiny model: every block's output, in the whole quantized model, is closer to
     the FP32 block output after BRECQ than with nearest rounding."""
-    model = _model()
+    model = narrow_resnet()
     nearest = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
     calibrate(nearest, [data])
     recon = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
@@ -107,13 +95,13 @@ def test_qdrop_drop_keeps_some_elements_full_precision():
     assert torch.all((mixed == x) | (mixed == q))
 
 
-def test_unknown_rounding_is_refused(data):
+def test_unknown_rounding_is_refused(data, narrow_resnet):
     with pytest.raises(ValueError, match="quantize.rounding"):
-        reconstruct(prepare(_model(), 4, 4, MinMaxObserver), data, "stochastic", ReconConfig())
+        reconstruct(prepare(narrow_resnet(), 4, 4, MinMaxObserver), data, "stochastic", ReconConfig())
 
 
-def test_unit_error_is_zero_in_full_precision(data):
-    gm = prepare(_model(), 4, 4, MinMaxObserver)
+def test_unit_error_is_zero_in_full_precision(data, narrow_resnet):
+    gm = prepare(narrow_resnet(), 4, 4, MinMaxObserver)
     set_quant_state(gm, weights=False, acts=False)
     name = recon_units(gm, layerwise=False)[1]
     x, y = capture(gm, name, data, output=False), capture(gm, name, data, output=True)
