@@ -15,9 +15,8 @@ import platform
 import torch
 
 from dfq import benchmark as B
-from dfq.generators import compute_margins, gaussian_batch
+from dfq.generators import gaussian_batch
 from dfq.io import load_torch, save_text
-from dfq.losses import dsg_loss, lse_weights
 from dfq.models import build_model, count_bn, input_spec, load_state_dict
 from dfq.observers import MinMaxObserver
 from dfq.quantize import calibrate, prepare
@@ -29,11 +28,7 @@ def generation_rows(model, shape, batch: int, iters: int, dev: str, fmt=torch.co
     for method in ("zeroq", "dsg"):
         n = batch if method == "zeroq" else num_bn * max(1, round(batch / num_bn))  # DSG: whole multiples of L
         x = gaussian_batch((n, *shape), 0).contiguous(memory_format=fmt)
-        kw = {}
-        if method == "dsg":
-            margins = compute_margins(model, x.shape, 0, 0.9, False, dev)
-            w = lse_weights(n, num_bn, 2.0).to(dev)
-            kw["loss_fn"] = lambda x_, st, m=margins, w=w: dsg_loss(x_, st, m, w)
+        kw = {"loss_fn": B.dsg_loss_fn(model, x, dev)} if method == "dsg" else {}  # params.yaml's defaults
         if dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         r = B.paired_generation_ratios(model, x, iters=iters, device=dev, **kw)
@@ -88,7 +83,8 @@ def main() -> None:
     layout = "channels_last" if args.channels_last else "NCHW"
     lines = [f"# ImageNet-size benchmark: `{args.arch}` at {shape[1]}x{shape[2]} on `{dev}`, {layout}", "",
              f"{name}; torch {torch.__version__}; weights: {args.weights or 'random initialisation'}; "
-             f"`python -m bench.imagenet_size --batches {' '.join(map(str, args.batches))}"
+             f"`python -m bench.imagenet_size{'' if args.arch == 'resnet18' else ' --arch ' + args.arch} "
+             f"--batches {' '.join(map(str, args.batches))}"
              f"{' --channels-last' if args.channels_last else ''}` (model, images and floors alike in {layout}).", "",
              "## Generation (one iteration: forward with BN-statistic hooks, loss, backward to the images, Adam)", "",
              "Ratios: median of 5 rounds, each timing the generation loop and both floors back to back (range).", "",

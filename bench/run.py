@@ -20,9 +20,8 @@ import yaml
 
 from dfq import benchmark as B
 from dfq.datasets import InputSpec, open_eval_dataset
-from dfq.generators import compute_margins, gaussian_batch, plan_batches
+from dfq.generators import gaussian_batch, plan_batches
 from dfq.io import load_torch, save_text
-from dfq.losses import dsg_loss, lse_weights
 from dfq.models import count_bn, load_checkpoint
 from dfq.quantize import load_quantized
 from dfq.report import results_table
@@ -58,12 +57,11 @@ def main() -> None:
         sizes, _ = plan_batches(method, params["data"]["num_images"], params["generate"]["batch_size"], cfg,
                                 count_bn(model))
         x = gaussian_batch((sizes[0], *spec.shape), 0)
-        loss_fn = None
+        kw = {}
         if method == "dsg":
-            margins = compute_margins(model, x.shape, 0, cfg.get("eps", 0.9), cfg.get("per_channel", False), dev)
-            w = lse_weights(len(x), count_bn(model), cfg.get("lse_weight", 2.0)).to(dev)
-            loss_fn = lambda x_, st, m=margins, w=w: dsg_loss(x_, st, m, w)  # noqa: E731
-        r = B.paired_generation_ratios(model, x, **({"loss_fn": loss_fn} if loss_fn else {}), iters=args.iters,
+            kw["loss_fn"] = B.dsg_loss_fn(model, x, dev, cfg.get("eps", 0.9), cfg.get("per_channel", False),
+                                          cfg.get("lse_weight", 2.0))
+        r = B.paired_generation_ratios(model, x, **kw, iters=args.iters,
                                        device=dev)
         rows.append((method, len(x), r, len(x) / (r["gen"] * cfg.get("iterations", 500))))
 

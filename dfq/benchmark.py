@@ -14,13 +14,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dfq.generators import optimize_images
-from dfq.losses import zeroq_loss
+from dfq.generators import compute_margins, optimize_images
+from dfq.losses import dsg_loss, lse_weights, zeroq_loss
+from dfq.models import count_bn
 
 
 def _sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def dsg_loss_fn(model: nn.Module, x: torch.Tensor, device="cpu", eps: float = 0.9, per_channel: bool = False,
+                lse_weight: float = 2.0):
+    """The DSG loss (SDA margins from batch 0's seeded probe, LSE weights) for timing batch ``x``."""
+    margins = compute_margins(model, x.shape, 0, eps, per_channel, device)
+    weights = lse_weights(len(x), count_bn(model), lse_weight).to(device)
+    return lambda x_, stats: dsg_loss(x_, stats, margins, weights)
 
 
 def time_it(fn: Callable[[], object], iters: int, warmup: int = 3, device="cpu", repeats: int = 3) -> float:
