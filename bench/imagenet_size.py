@@ -1,6 +1,6 @@
 """ImageNet-size speed check: a torchvision model at its own input size (resnet18: 224 px), no dataset.
 
-    DFQ_DEVICE=cuda python -m bench.imagenet_size --batches 64 256 --out reports/bench-gpu-resnet18.md
+    DFQ_DEVICE=cuda python -m bench.imagenet_size --batches 64 256     (writes reports/bench-cuda-resnet18.md)
 
 Weights are torchvision's random initialisation unless --weights names a state dict (speed does not
 depend on them). For each batch size: the ZeroQ and DSG generation loops (the real optimize_images with
