@@ -45,14 +45,24 @@ def test_uncalibrated_quantizer_fails_loudly(tiny_bn):
 
 
 def test_w8a8_close_to_fp32_and_w2a2_not(tiny_bn):
+    torch.manual_seed(3)
     x = torch.randn(16, 1, 8, 8)
-    ref = tiny_bn(x)
+    with torch.no_grad():
+        ref = tiny_bn(x)
     errs = {}
-    for bits in (8, 2):
-        gm = prepare(tiny_bn, bits, bits, MinMaxObserver)
+    for wbits, abits in ((8, 8), (8, 2), (2, 8), (2, 2)):
+        gm = prepare(tiny_bn, wbits, abits, MinMaxObserver)
         calibrate(gm, [x[:8], x[8:]])
-        errs[bits] = ((gm(x) - ref).norm() / ref.norm()).item()
-    assert errs[8] < 0.02 < errs[2]
+        with torch.no_grad():
+            errs[wbits, abits] = ((gm(x) - ref).norm() / ref.norm()).item()
+    # Thresholds sit between the right and the wrong behaviour, measured on this model and input
+    # (relative output error; seeds 0-5 of x give W8A8 0.0012-0.0013, W8A2 0.026-0.042, W2A8 0.107-0.127):
+    # W8A8 0.0013; a 5-bit grid labelled 8-bit gives 0.0042 (activations only) or 0.0175 (weights).
+    assert errs[8, 8] < 0.0025, errs
+    # 2-bit activations alone: 0.041; a no-op activation quantizer at 2 bits leaves W8A8's 0.0013.
+    assert errs[8, 2] > 0.008, errs
+    # 2-bit weights alone: 0.109 (W2A2 0.102); a no-op weight quantizer at 2 bits leaves 0.0013.
+    assert errs[2, 8] > 0.05 and errs[2, 2] > 0.05, errs
 
 
 def test_checkpoint_round_trip(tiny_bn):

@@ -34,13 +34,54 @@ def test_per_channel_weights(bits):
     assert scale[0] < scale[-1] / 100  # each channel gets its own scale
 
 
-def test_quant_conv_uses_quantized_weight():
+def _independent_fake_quant_weight(w: torch.Tensor, bits: int, scheme: str = "asymmetric") -> torch.Tensor:
+    """Per-output-channel min-max fake quantization of a weight, written out from the formulas in the
+    quantizers.py docstring (range widened to contain 0; symmetric: signed levels, zero point 2^(b-1)),
+    without any dfq function. Multiplying by 1 / s (float32) is what PyTorch's fused op does."""
+    flat = w.detach().flatten(1).float()
+    qmax = 2**bits - 1
+    if scheme == "asymmetric":
+        lo, hi = flat.min(1).values.clamp(max=0), flat.max(1).values.clamp(min=0)
+        s = ((hi - lo) / qmax).clamp(min=1e-8)
+        z = torch.clamp(torch.round(-lo / s), 0, qmax)
+    else:
+        s = (flat.abs().max(1).values / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
+        z = torch.full_like(s, 2 ** (bits - 1))
+    s, z = s[:, None], z[:, None]
+    q = torch.clamp(torch.round(flat * (1.0 / s)) + z, 0, qmax)
+    return ((q - z) * s).view_as(w)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
+def test_quant_conv_uses_quantized_weight(bits, scheme):
+    """The layer's output is the convolution with an independently fake-quantized copy of conv.weight
+    (a grid of the wrong width, range or rounding fails), and the weight takes at most 2^b levels."""
+    from dfq.quantizers import QuantLinear
+
+    torch.manual_seed(bits)
     conv = torch.nn.Conv2d(2, 3, 3, bias=True)
-    q = QuantConv2d(conv, 4)
-    x = torch.randn(1, 2, 5, 5)
-    expected = torch.nn.functional.conv2d(x, q.quantized_weight(), conv.bias)
-    assert torch.allclose(q(x), expected)
-    assert len(torch.unique(q.quantized_weight()[0])) <= 16
+    with torch.no_grad():  # channels of very different ranges, one all positive, one all negative
+        conv.weight.mul_(torch.tensor([0.1, 1.0, 10.0]).view(-1, 1, 1, 1))
+        conv.weight[1].abs_()
+        conv.weight[2].neg_().sub_(0.5)
+    w_hat = _independent_fake_quant_weight(conv.weight, bits, scheme)
+    assert not torch.allclose(w_hat, conv.weight, atol=1e-3)  # the quantization is visible
+    q = QuantConv2d(conv, bits, scheme)
+    x = torch.randn(4, 2, 5, 5)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(x, w_hat, conv.bias)
+        assert torch.allclose(q.quantized_weight(), w_hat, rtol=0, atol=1e-6)
+        assert torch.allclose(q(x), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(q.weight, conv.weight)  # the FP weight itself is kept
+        for c in range(3):
+            assert len(torch.unique(q.quantized_weight()[c])) <= 2**bits
+    lin = torch.nn.Linear(6, 4)
+    ql = QuantLinear(lin, bits, scheme)
+    v = torch.randn(5, 6)
+    with torch.no_grad():
+        assert torch.allclose(ql(v), v @ _independent_fake_quant_weight(lin.weight, bits, scheme).T + lin.bias,
+                              rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec,expected", [("w8a8", (8, 8)), ("w4a8", (4, 8)), ("w2a2", (2, 2))])
