@@ -106,3 +106,85 @@ def test_unit_error_is_zero_in_full_precision(data, narrow_resnet):
     name = recon_units(gm, layerwise=False)[1]
     x, y = capture(gm, name, data, output=False), capture(gm, name, data, output=True)
     assert unit_error(gm.get_submodule(name), x, y) < 1e-10
+
+
+def test_qdrop_drops_only_while_reconstructing(data, narrow_resnet):
+    """QDrop: activation elements skip quantization only while a block is optimised. Afterwards, in
+    the model and in evaluation, drop_prob is 0 everywhere, two passes agree exactly, and every
+    activation quantizer outputs the full fake-quantization of its input."""
+    from dfq.evaluate import evaluate
+    from dfq.quantize import load_quantized
+
+    model = narrow_resnet()
+    gm = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
+    during = []
+    hooks = [fq.register_forward_hook(lambda m, a, o: during.append(m.drop_prob) if torch.is_grad_enabled() else None)
+             for fq in act_quantizers(gm)]
+    reconstruct(gm, data, "qdrop", ReconConfig(iterations=20, batch_size=16, drop_prob=0.5))
+    for h in hooks:
+        h.remove()
+    assert 0.5 in during, "the activations did drop during reconstruction"
+    fqs = act_quantizers(gm)
+    assert [fq.drop_prob for fq in fqs] == [0.0] * len(fqs)
+    assert all(fq.enabled and not fq.observing and fq.scale_param is None for fq in fqs)
+
+    not_full = []
+
+    def full_quant(m, args, out):
+        x = args[0]
+        ref = torch.fake_quantize_per_tensor_affine(x, float(m.scale), int(m.zero_point), 0, 2**m.bits - 1)
+        if not torch.equal(out, ref):
+            not_full.append(m)
+
+    hooks = [fq.register_forward_hook(full_quant) for fq in fqs]
+    with torch.no_grad():
+        a, b = gm(data), gm(data)
+    assert torch.equal(a, b)
+    labels = a.argmax(1)
+    loader = [(data[:16], labels[:16]), (data[16:], labels[16:])]
+    assert evaluate(gm, loader)["top1"] == 100.0 and evaluate(gm, loader)["top1"] == 100.0
+    for h in hooks:
+        h.remove()
+    assert not not_full, f"{len(not_full)} activation quantizer calls skipped quantization"
+    # the checkpoint the evaluate stage loads gives the same outputs
+    again = load_quantized(model, {"bits": "w3a4", "protocol": "brecq", "state_dict": gm.state_dict()})
+    with torch.no_grad():
+        assert torch.equal(again(data), a)
+
+
+def test_brecq_step_size_phase_result_is_what_the_model_keeps(data, narrow_resnet, monkeypatch):
+    """BRECQ's second phase: each unit's activation step sizes move away from the calibrated ones,
+    lower the unit's error, and the final model holds them (its error on the phase's own inputs and
+    targets is the logged act_error_after)."""
+    import dfq.reconstruction as recon_mod
+    from dfq.quantizers import ActFakeQuantize
+
+    calibrated, phase = {}, {}
+    learn = ActFakeQuantize.learn_scale
+
+    def record_learn(self):
+        calibrated[id(self)] = float(self.scale)
+        return learn(self)
+
+    real = recon_mod.optimize_unit
+
+    def record_phase(unit, x, y, cfg, **kw):
+        if not kw["learn_weights"]:
+            phase[kw["desc"].split()[-1]] = (unit, x, y)
+        return real(unit, x, y, cfg, **kw)
+
+    monkeypatch.setattr(ActFakeQuantize, "learn_scale", record_learn)
+    monkeypatch.setattr(recon_mod, "optimize_unit", record_phase)
+    gm = prepare(narrow_resnet(), 3, 3, MinMaxObserver, protocol="brecq")
+    out = reconstruct(gm, data, "brecq", ReconConfig(iterations=20, act_iterations=100, batch_size=16, act_lr=1e-3))
+    learned = [u for u in out["units"] if act_quantizers(gm.get_submodule(u["unit"]))]
+    assert learned and set(phase) == {u["unit"] for u in out["units"]}
+    for fq in act_quantizers(gm):
+        if id(fq) in calibrated:
+            assert fq.scale_param is None and float(fq.scale) > 0
+            assert abs(float(fq.scale) - calibrated[id(fq)]) > 1e-4 * calibrated[id(fq)], "step size unchanged"
+    assert len(calibrated) == sum(len(act_quantizers(gm.get_submodule(u["unit"]))) for u in learned)
+    assert sum(u["act_error_after"] for u in learned) < 0.95 * sum(u["act_error_before"] for u in learned)
+    for u in out["units"]:
+        unit, x, y = phase[u["unit"]]
+        assert unit_error(unit, x, y) == pytest.approx(u["act_error_after"], rel=1e-5), u["unit"]

@@ -93,7 +93,23 @@ def test_bad_input_is_named(key, value, message):
 
 
 def test_at_least_30_bad_inputs():
-    assert len(BAD) >= 30
+    """At least 30 distinct bad inputs; each, applied alone to the good params file, raises ParamsError
+    whose message names the offending key; the good file itself passes and parses to its values."""
+    good = validate(copy.deepcopy(GOOD))
+    assert good.quantize.bits == GOOD["quantize"]["bits"] and good.data.num_images == GOOD["data"]["num_images"]
+    assert good.generate.sources == GOOD["generate"]["sources"] and good.track.experiment == GOOD["track"]["experiment"]
+    assert len({(key, repr(value)) for key, value, _ in BAD}) >= 30
+    accepted, unnamed = [], []
+    for key, value, _ in BAD:
+        try:
+            validate(with_change(key, value))
+        except ParamsError as err:
+            if key not in str(err):
+                unnamed.append((key, str(err)))
+        else:
+            accepted.append((key, value))
+    assert not accepted, f"bad inputs accepted: {accepted}"
+    assert not unnamed, f"errors that do not name their key: {unnamed}"
 
 
 def test_not_a_mapping():
