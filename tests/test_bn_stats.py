@@ -28,10 +28,25 @@ def test_hooks_capture_bn_inputs(tiny_bn):
     assert torch.equal(stats.running_mean[1], bn.running_mean)
 
 
-def test_hooks_are_removed(tiny_bn):
-    with BNInputStats(tiny_bn):
-        pass
-    assert not tiny_bn.bn1._forward_pre_hooks
+def test_hooks_are_removed(narrow_resnet):
+    """One pre-hook on every BN layer inside the context, none on any layer after it (also after an
+    exception), and the model's own hooks are left alone."""
+    model = narrow_resnet()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 9
+    own = bns[4].register_forward_pre_hook(lambda m, a: None)
+    before = [(len(bn._forward_pre_hooks), len(bn._forward_hooks)) for bn in bns]
+    with BNInputStats(model) as stats:
+        assert [len(bn._forward_pre_hooks) for bn in bns] == [n + 1 for n, _ in before]
+        model(torch.randn(2, 1, 16, 16))
+        assert len(stats.means) == 9
+    assert [(len(bn._forward_pre_hooks), len(bn._forward_hooks)) for bn in bns] == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with BNInputStats(model):
+            raise RuntimeError("boom")
+    assert [(len(bn._forward_pre_hooks), len(bn._forward_hooks)) for bn in bns] == before
+    own.remove()
+    assert all(not bn._forward_pre_hooks for bn in bns)
 
 
 def test_model_without_bn_gets_clear_error():

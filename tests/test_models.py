@@ -5,9 +5,31 @@ from dfq.models import ARCHS, build_model, count_bn, load_checkpoint, load_state
 
 
 def test_fmnist_resnet_has_at_least_8_bn_layers_and_residual_blocks():
-    m = build_model("fmnist_resnet")
+    m = build_model("fmnist_resnet").eval()
     assert count_bn(m) == 9
     assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    blocks = list(m.layers)
+    assert len(blocks) == 3
+    # identity shortcut in block 0 (16 -> 16), 1x1-conv + BN shortcuts with stride 2 where the shape changes
+    assert len(blocks[0].shortcut) == 0
+    for b in blocks[1:]:
+        conv, bn = b.shortcut
+        assert conv.kernel_size == (1, 1) and conv.stride == (2, 2) and isinstance(bn, torch.nn.BatchNorm2d)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+        h = m.stem(x)
+        for b in blocks:
+            residual = b.bn2(b.conv2(torch.relu(b.bn1(b.conv1(h)))))
+            out = b(h)
+            # the block adds its shortcut to the residual branch before the last ReLU
+            assert torch.allclose(out, torch.relu(residual + b.shortcut(h)), atol=1e-6)
+            assert not torch.allclose(out, torch.relu(residual), atol=1e-3), "the shortcut contributes"
+            h = out
+        assert torch.allclose(m(x), m.fc(h.mean((2, 3))), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -6,6 +6,16 @@ from dfq.tracking import HASH_TAG, Cell, TrackingError, default_tracking_uri, lo
 mlflow = pytest.importorskip("mlflow")
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored(monkeypatch):
+    """log_cells opts out of telemetry with os.environ.setdefault; registering the keys with
+    monkeypatch first restores (or removes) them after each test, so nothing leaks into later tests."""
+    import os
+
+    for key in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+        monkeypatch.setenv(key, os.environ.get(key, "true"))
+
+
 def cells(top1=90.0):
     return [Cell(run_name=f"zeroq-{b}", params={"source": "zeroq", "bits": b, "quantize": {"act_method": "minmax"}},
                  metrics={"top1": top1, "top5": 99.0}, tags={"source": "zeroq", "bits": b},
@@ -39,12 +49,10 @@ def test_logging_is_idempotent_and_replaces_crashed_runs(tmp_path):
     assert logged.data.metrics["top1"] == 50.0 and logged.data.params["quantize.act_method"] == "minmax"
 
 
-def test_unreachable_store_says_how_to_fix(tmp_path):
+def test_unreachable_store_says_how_to_fix(tmp_path, monkeypatch):
     uri = "http://127.0.0.1:9/"  # nothing listens on the discard port
-    import os
-
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "2"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # undone after the test
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.raises(TrackingError, match="rerun"):
         log_cells(cells(), uri=uri, experiment="t", artifact_location=(tmp_path / "a").as_uri())
 
