@@ -20,11 +20,11 @@ import yaml
 
 from dfq import benchmark as B
 from dfq.datasets import InputSpec, open_eval_dataset
-from dfq.generators import gaussian_batch, plan_batches
+from dfq.generators import batch_sizes, gaussian_batch
 from dfq.io import load_torch, save_text
-from dfq.models import count_bn, load_checkpoint
+from dfq.models import load_checkpoint
 from dfq.quantize import load_quantized
-from dfq.report import results_table
+from dfq.report import aggregate, results_table, set_metrics
 
 
 def run_pipeline(profile: str) -> None:
@@ -47,15 +47,14 @@ def main() -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     sources, bits = params["generate"]["sources"], params["quantize"]["bits"]
     fp32 = json.loads(Path("metrics/fp32.json").read_text())
-    results = {(s, b): json.loads(Path(f"metrics/eval/{s}-{b}.json").read_text()) for s in sources for b in bits}
+    agg = aggregate(set_metrics(sources, params["generate"]["seeds"], bits))
 
     model, meta = load_checkpoint("models/fp32.pt")
     spec = InputSpec.from_dict(meta["input_spec"])
     rows = []
     for method in ("zeroq", "dsg"):
         cfg = params["generate"].get(method, {})
-        sizes, _ = plan_batches(method, params["data"]["num_images"], params["generate"]["batch_size"], cfg,
-                                count_bn(model))
+        sizes = batch_sizes(params["data"]["num_images"], params["generate"]["batch_size"])
         x = gaussian_batch((sizes[0], *spec.shape), 0)
         kw = {}
         if method == "dsg":
@@ -68,14 +67,14 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(open_eval_dataset("data/prepared/eval", spec), batch_size=500)
     batches = [xb for _, (xb, _) in zip(range(4), loader)]
     qs, qb = sources[0], bits[-1]
-    gm = load_quantized(model, load_torch(f"models/quant/{qs}-{qb}.pt"))
+    gm = load_quantized(model, load_torch(f"models/quant/{qs}-s{params['generate']['seeds'][0]}-{qb}.pt"))
     ev = B.paired_eval_ratio(model, gm, batches, device=dev)
     n_eval = sum(len(b) for b in batches)
 
     lines = [f"# Benchmark: profile `{args.profile}`", "",
              f"Model `{meta['arch']}`, device `{dev}` ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads), torch {torch.__version__}.", "",
-             "## Accuracy (top-1 %, top-5 in brackets)", "", results_table(fp32, results, sources, bits),
+             "## Accuracy (top-1 %, top-5 in brackets)", "", results_table(fp32, agg, sources, bits),
              "## Generation speed", "",
              "Each ratio is the median over 5 rounds, each round timing the generation loop and both floors back "
              "to back (range over the rounds in brackets).", "",

@@ -29,7 +29,7 @@ def dsg_loss_fn(model: nn.Module, x: torch.Tensor, device="cpu", eps: float = 0.
     """The DSG loss (SDA margins from batch 0's seeded probe, LSE weights) for timing batch ``x``."""
     margins = compute_margins(model, x.shape, 0, eps, per_channel, device)
     weights = lse_weights(len(x), count_bn(model), lse_weight).to(device)
-    return lambda x_, stats: dsg_loss(x_, stats, margins, weights)
+    return lambda x_, stats, logits=None: dsg_loss(x_, stats, margins, weights)
 
 
 def time_it(fn: Callable[[], object], iters: int, warmup: int = 3, device="cpu", repeats: int = 3) -> float:

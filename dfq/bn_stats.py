@@ -121,6 +121,7 @@ class BNInputStats:
         self.running_std = [torch.sqrt(bn.running_var.detach() + bn.eps) for bn in self.layers]
         # per layer: the BN input (GPU, deferred) or its (m1, m2) raw moments (CPU, computed in the hook)
         self._recorded: list = [None] * len(self.layers)
+        self._hw: list[int] = [0] * len(self.layers)  # H_i * W_i of each layer's last input
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
         self._cache: dict = {}
@@ -131,6 +132,7 @@ class BNInputStats:
     def _make_hook(self, i: int):
         def hook(module, inputs):
             a = inputs[0]
+            self._hw[i] = a.shape[2:].numel()
             self._recorded[i] = a if a.is_cuda else shifted_moments([a], self.running_mean[i], self._counts([a]))
             self._stats = None
 
@@ -158,6 +160,18 @@ class BNInputStats:
 
     def _split(self, t: torch.Tensor) -> list[torch.Tensor]:
         return list(t.split([len(mu) for mu in self.running_mean], 1))
+
+    def split_layers(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """A (B, sum C_i) tensor cut into its layers' (B, C_i) columns."""
+        return self._split(t)
+
+    def spatial_counts(self) -> torch.Tensor:
+        """(sum C_i,) H_i W_i of each layer's last input, one per channel (for unbiased variances)."""
+        key = ("hw", tuple(self._hw))
+        if key not in self._cache:
+            mu = self.running_mean
+            self._cache[key] = torch.cat([torch.full_like(m, float(n)) for n, m in zip(self._hw, mu)])
+        return self._cache[key]
 
     @property
     def means(self) -> list[torch.Tensor]:

@@ -109,10 +109,10 @@ def load_fashion_mnist(root: str | Path, cache: str | Path, download: bool = Fal
     return (train.data.clone(), train.targets.clone()), (test.data.clone(), test.targets.clone())
 
 
-def calibration_subset(images: torch.Tensor, num_images: int, seed: int) -> torch.Tensor:
+def calibration_subset(images: torch.Tensor, num_images: int, seed: int, param: str = "data.real_pool") -> torch.Tensor:
     """Seeded random choice of ``num_images`` distinct training images (no labels: calibration only)."""
     if num_images > len(images):
-        raise ValueError(f"data.num_images={num_images} exceeds the {len(images)} training images")
+        raise ValueError(f"{param}={num_images} exceeds the {len(images)} training images")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(images), generator=g)[:num_images]
     return images[idx.sort().values]

@@ -1,4 +1,4 @@
-"""Calibration-data generators: Gaussian noise and ZeroQ-style BN-statistic matching.
+"""Calibration-data generators: Gaussian noise, ZeroQ-style BN-statistic matching, DSG, real subsets.
 
 Every batch is made from its own seed, derived from (seed, global batch index), so a batch never
 depends on which process made it or on which batches were made before it.
@@ -18,7 +18,8 @@ from tqdm import tqdm
 from dfq.bn_stats import BNInputStats
 from dfq.losses import dsg_loss, lse_weights, sda_margins, zeroq_loss
 
-INITS = ("gaussian", "zeroq_uniform")
+INITS = ("gaussian", "uniform", "zeroq_uniform")
+PROBES = ("gaussian", "uniform", "init")
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -34,9 +35,12 @@ def batch_sizes(num_images: int, batch_size: int) -> list[int]:
 
 
 def init_images(init: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """Starting pixels: ``gaussian`` N(0, 1) (the papers) or ``zeroq_uniform`` (official ZeroQ code)."""
+    """Starting pixels in the normalised input space: ``gaussian`` N(0, 1) (the papers), ``uniform``
+    U[0, 1) (the official DSG code's torch.rand) or ``zeroq_uniform`` (the official ZeroQ code's)."""
     if init == "gaussian":
         return torch.randn(shape, generator=generator)
+    if init == "uniform":
+        return torch.rand(shape, generator=generator)
     if init == "zeroq_uniform":
         return (torch.randint(0, 255, shape, generator=generator).float() - 127.5) / 5418.75
     raise ValueError(f"init={init!r} is unknown; allowed: {', '.join(INITS)}")
@@ -63,7 +67,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-LossFn = Callable[[torch.Tensor, BNInputStats], torch.Tensor]
+LossFn = Callable[[torch.Tensor, BNInputStats, torch.Tensor], torch.Tensor]  # (images, BN stats, logits)
 
 
 def optimize_images(
@@ -91,8 +95,7 @@ def optimize_images(
         bar = tqdm(range(iterations), desc=desc, leave=False)
         for it in bar:
             opt.zero_grad(set_to_none=True)
-            model(x)
-            loss = loss_fn(x, stats)
+            loss = loss_fn(x, stats, model(x))
             value = loss.item()
             if not math.isfinite(value):  # the float: no second device sync
                 raise FloatingPointError(f"{desc}: loss became {value} at iteration {it}; nothing was saved")
@@ -105,8 +108,7 @@ def optimize_images(
                 bar.set_postfix(loss=f"{value:.4g}", lr=f"{opt.param_groups[0]['lr']:.2g}")
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            model(x)
-            loss_end = loss_fn(x, stats).item()
+            loss_end = loss_fn(x, stats, model(x)).item()
     return x.detach(), {
         "loss_start": loss_start,
         "loss_end": loss_end,
@@ -138,17 +140,38 @@ def zeroq_batch(
 
 
 def probe_seed(seed: int) -> int:
-    """Seed of the Gaussian probe that sets a batch's SDA margins (distinct from the init's seed)."""
+    """Seed of the random probe that sets a batch's SDA margins (distinct from the init's seed)."""
     return seed ^ 0x5DEECE66D
 
 
+def extras_seed(seed: int) -> int:
+    """Seed of a DSG batch's random labels and jitter offsets (distinct from the init's and the probe's)."""
+    return seed ^ 0x2545F4914F6CDD1D
+
+
+def margin_probe(probe: str, shape: tuple[int, ...], seed: int, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch whose statistics set the SDA margins: a seeded ``gaussian`` N(0, 1) or ``uniform``
+    U[0, 1) probe of the batch's shape, or ``init``: the batch's own starting pixels ``x0``."""
+    if probe == "init":
+        if x0 is None:
+            raise ValueError("margin_probe=init needs the batch's starting pixels")
+        return x0
+    g = torch.Generator().manual_seed(probe_seed(seed))
+    if probe == "gaussian":
+        return torch.randn(shape, generator=g)
+    if probe == "uniform":
+        return torch.rand(shape, generator=g)
+    raise ValueError(f"margin_probe={probe!r} is unknown; allowed: {', '.join(PROBES)}")
+
+
 @torch.no_grad()
-def compute_margins(model: nn.Module, shape: tuple[int, ...], seed: int, eps: float, per_channel: bool, device="cpu"):
-    """SDA margins from one forward pass of a seeded N(0, 1) probe of the batch's shape."""
-    probe = torch.randn(shape, generator=torch.Generator().manual_seed(probe_seed(seed))).to(device)
+def compute_margins(model: nn.Module, shape: tuple[int, ...], seed: int, eps: float, per_channel: bool, device="cpu",
+                    probe: str = "gaussian", x0: torch.Tensor | None = None, unbiased_std: bool = False):
+    """SDA margins: the eps-quantile of |stat - BN stat| over one forward pass of the probe batch."""
+    x = margin_probe(probe, shape, seed, x0).to(device)
     with frozen(model), BNInputStats(model).to(device) as stats:
-        model(probe)
-        return sda_margins(stats, eps, per_channel)
+        model(x)
+        return sda_margins(stats, eps, per_channel, unbiased_std)
 
 
 def dsg_batch(
@@ -164,33 +187,65 @@ def dsg_batch(
     sda: bool = True,
     eps: float = 0.9,
     per_channel: bool = False,
+    margin_probe: str = "gaussian",
     lse: bool = True,
     lse_weight: float = 2.0,
+    lse_tied: int | None = None,
+    label_weight: float = 0.0,
+    tv_weight: float = 0.0,
+    l2_weight: float = 0.0,
+    jitter: int = 0,
+    unbiased_std: bool = False,
     device: str | torch.device = "cpu",
     desc: str = "dsg",
 ) -> tuple[torch.Tensor, dict, dict | None]:
     """One DSG batch. With ``sda`` the BN-statistic match is slack (dead zone of width given by the
-    margins); with ``lse`` sample j's loss at BN layer j mod L counts ``lse_weight`` times. Both off is
-    ZeroQ exactly. Returns (images, info, margins or None)."""
+    eps-quantile margins of the ``margin_probe`` batch); with ``lse`` a sample's loss at its tied BN layer
+    counts ``lse_weight`` times (every sample j at layer j mod L, or with ``lse_tied`` = N only samples
+    j < N, at layer j). The official code's extras: cross-entropy to seeded uniformly random labels
+    (``label_weight``), L2 total variation and per-image L2 norm of the batch rolled by a random offset in
+    [-jitter, jitter) (``tv_weight``, ``l2_weight``), unbiased per-sample variances (``unbiased_std``).
+    SDA, LSE and every extra off is ZeroQ exactly. Returns (images, info, margins or None)."""
     num_layers = len(BNInputStats(model))
-    margins = compute_margins(model, shape, seed, eps, per_channel, device) if sda else None
-    weights = lse_weights(shape[0], num_layers, lse_weight).to(device) if lse else None
-
-    def loss_fn(x, stats):
-        return dsg_loss(x, stats, margins, weights)
-
     x0 = init_images(init, shape, torch.Generator().manual_seed(seed)).to(device)
+    margins = (compute_margins(model, shape, seed, eps, per_channel, device, margin_probe, x0, unbiased_std)
+               if sda else None)
+    weights = lse_weights(shape[0], num_layers, lse_weight, lse_tied).to(device) if lse else None
+    g = torch.Generator().manual_seed(extras_seed(seed))
+    labels = []
+
+    def loss_fn(x, stats, logits):
+        if label_weight and not labels:  # drawn once per batch, uniformly over the model's classes
+            labels.append(torch.randint(logits.shape[1], (len(x),), generator=g).to(logits.device))
+        offset = int(torch.randint(-jitter, jitter, (1,), generator=g)) if jitter else 0
+        return dsg_loss(x, stats, margins, weights, logits, labels=labels[0] if labels else None,
+                        label_weight=label_weight, tv_weight=tv_weight, l2_weight=l2_weight, offset=offset,
+                        unbiased_std=unbiased_std)
+
     x, info = optimize_images(
         model, x0, loss_fn, iterations=iterations, lr=lr, patience=patience, min_lr=min_lr, desc=desc
     )
     saved = None
     if margins is not None:
         saved = {"mean": [m.cpu() for m in margins[0]], "std": [g.cpu() for g in margins[1]],
-                 "eps": eps, "per_channel": per_channel}
+                 "eps": eps, "per_channel": per_channel, "probe": margin_probe}
     return x.cpu(), info, saved
 
 
 SOURCES = ("gaussian", "zeroq", "dsg", "real")
+
+
+def set_name(source: str, seed: int) -> str:
+    """The name of one calibration set: ``<source>-s<seed>`` (data/calib/, models/quant/, metrics/)."""
+    return f"{source}-s{seed}"
+
+
+def parse_set(name: str) -> tuple[str, int]:
+    """(source, seed) of a calibration set name made by ``set_name``."""
+    source, sep, seed = name.rpartition("-s")
+    if not sep or not source or not seed.isdigit():
+        raise ValueError(f"{name!r} is not a calibration set name <source>-s<seed> (e.g. zeroq-s0)")
+    return source, int(seed)
 
 
 def method_of(source: str, cfg: dict) -> str:
@@ -201,21 +256,14 @@ def method_of(source: str, cfg: dict) -> str:
     return method
 
 
-def plan_batches(source: str, num_images: int, batch_size: int, cfg: dict, num_bn: int) -> tuple[list[int], str]:
-    """Batch sizes for a source and a note when the count had to change.
-
-    DSG ties sample j to BN layer j mod L, so its batches hold a whole multiple of L samples
-    (``batch_multiple`` x L) and the image count is rounded up to whole batches.
-    """
-    if method_of(source, cfg) != "dsg":
-        return batch_sizes(num_images, batch_size), ""
-    size = num_bn * int(cfg.get("batch_multiple", 1))
-    n = -(-num_images // size)
-    note = ""
-    if n * size != num_images:
-        note = (f"{source}: batches must hold {size} images ({cfg.get('batch_multiple', 1)} x {num_bn} BN layers); "
-                f"data.num_images={num_images} rounded up to {n * size}")
-    return [size] * n, note
+def real_subset(pool: torch.Tensor, num_images: int, seed: int) -> torch.Tensor:
+    """``num_images`` images drawn without replacement from the data stage's pool of real training
+    images, by ``seed`` (each seed of the real source is its own calibration set)."""
+    if num_images > len(pool):
+        raise ValueError(f"data.num_images={num_images} is larger than the real image pool ({len(pool)} images, "
+                         "data.real_pool): raise data.real_pool or lower data.num_images")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(batch_seed(seed, -1)))[:num_images]
+    return pool[pick.sort().values]
 
 
 def generate_batch(source: str, model: nn.Module, shape: tuple[int, ...], seed: int, cfg: dict,

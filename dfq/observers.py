@@ -1,8 +1,12 @@
 """Calibration observers (torch.ao naming): they watch activations and choose a clipping range.
 
 - ``minmax``: the smallest and largest value seen over all calibration batches.
-- ``ema``: min and max of each batch, smoothed with an exponential moving average (the DSG code's
-  default, momentum 0.99 there); the first batch initialises the range.
+- ``ema``: min and max of each batch, smoothed with an exponential moving average whose first batch
+  initialises the range: torch.ao's MovingAverageMinMaxObserver (averaging constant 0.01 = momentum
+  0.99), the observer of PyTorch's default QAT qconfig. Over a few calibration batches the first one
+  dominates (momentum 0.99, 4 batches: 97 %), so the range depends on file order.
+- ``dsg``: the official DSG code's rule (its flag is named "ema", but there is no momentum): each
+  sample's min and max, averaged over the batch, then the running extreme over batches, starting from 0.
 - ``percentile``: the p-th and (100 - p)-th percentile of each batch (default p = 99.999), averaged
   over batches.
 - ``mse``: the clipping range, among ``num_candidates`` shrinkings of the min-max range, that
@@ -15,7 +19,7 @@ from torch import nn
 
 from dfq.quantizers import fake_quantize, qparams_from_range
 
-ACT_METHODS = ("minmax", "ema", "percentile", "mse")
+ACT_METHODS = ("minmax", "ema", "dsg", "percentile", "mse")
 
 
 class Observer(nn.Module):
@@ -65,6 +69,22 @@ class EMAMinMaxObserver(Observer):
         else:
             self.lo = self.momentum * self.lo + (1 - self.momentum) * lo
             self.hi = self.momentum * self.hi + (1 - self.momentum) * hi
+
+    def range(self, bits):
+        return self.lo, self.hi
+
+
+class DSGRangeObserver(Observer):
+    """lo = min(0, min over batches of mean_b min(x_b)), hi = max(0, max over batches of mean_b max(x_b))."""
+
+    def __init__(self):
+        super().__init__()
+        self.lo, self.hi = torch.tensor(0.0), torch.tensor(0.0)
+
+    def observe(self, x):
+        per_sample = x.flatten(1)
+        self.lo = torch.minimum(self.lo, per_sample.amin(1).mean())
+        self.hi = torch.maximum(self.hi, per_sample.amax(1).mean())
 
     def range(self, bits):
         return self.lo, self.hi
@@ -128,6 +148,8 @@ def make_observer(method: str, *, percentile: float = 99.999, ema_momentum: floa
         return MinMaxObserver()
     if method == "ema":
         return EMAMinMaxObserver(ema_momentum)
+    if method == "dsg":
+        return DSGRangeObserver()
     if method == "percentile":
         return PercentileObserver(percentile)
     if method == "mse":

@@ -1,34 +1,97 @@
 """Reports: the results table (markdown) and PNG plots a person would rather look at than read."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 
-def results_table(fp32: dict, results: dict[tuple[str, str], dict], sources: list[str], bits: list[str]) -> str:
-    """Markdown table: one row per source, columns FP32 and each bit-width (top-1 %, top-5 in brackets)."""
-    head = "| source | FP32 | " + " | ".join(b.upper() for b in bits) + " |"
-    lines = [head, "|" + "---|" * (2 + len(bits))]
+def set_metrics(sources: list[str], seeds: list[int], bits: list[str], eval_dir="metrics/eval",
+                calib_dir="metrics/calibrate") -> pd.DataFrame:
+    """One row per (source, seed, bits) cell: its evaluation metrics and calibration wall time, read from
+    ``<eval_dir>/<source>-s<seed>-<bits>.json`` (and the same name in ``calib_dir``)."""
+    rows = []
+    for s in sources:
+        for k in seeds:
+            for b in bits:
+                path = Path(eval_dir) / f"{s}-s{k}-{b}.json"
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: missing (run the evaluate@{s}-{k}-{b} stage first)")
+                calib = Path(calib_dir) / path.name
+                seconds = json.loads(calib.read_text())["seconds"] if calib.is_file() else None
+                rows.append({**json.loads(path.read_text()), "source": s, "seed": k, "bits": b,
+                             "calibration_seconds": seconds})
+    return pd.DataFrame(rows)
+
+
+def aggregate(cells: pd.DataFrame, metrics=("top1", "top5", "calibration_seconds")) -> pd.DataFrame:
+    """Mean, sample std (ddof 1; NaN for one seed) and seed count of each metric per (source, bits),
+    in the order the cells come in. Columns ``<metric>_mean``, ``<metric>_std``, ``seeds``."""
+    metrics = [m for m in metrics if m in cells]
+    g = cells.groupby(["source", "bits"], sort=False)
+    out = g[metrics].agg(["mean", "std"])
+    out.columns = [f"{m}_{stat}" for m, stat in out.columns]
+    out["seeds"] = g["seed"].nunique()
+    return out.reset_index()
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def results_table(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[str]) -> str:
+    """Markdown table: one row per source, columns FP32 and each bit-width: top-1 % mean ± std over
+    seeds (top-5 mean in brackets), and the seed count."""
+    head = "| source | seeds | FP32 | " + " | ".join(b.upper() for b in bits) + " |"
+    lines = [head, "|" + "---|" * (3 + len(bits))]
+    idx = agg.set_index(["source", "bits"])
     for s in sources:
         cells = []
         for b in bits:
-            r = results.get((s, b))
-            cells.append(f"{r['top1']:.2f} ({r['top5']:.2f})" if r else "n/a")
-        lines.append(f"| {s} | {fp32['top1']:.2f} ({fp32['top5']:.2f}) | " + " | ".join(cells) + " |")
+            if (s, b) in idx.index:
+                r = idx.loc[(s, b)]
+                cells.append(f"{_pm(r['top1_mean'], r['top1_std'])} ({r['top5_mean']:.2f})")
+            else:
+                cells.append("n/a")
+        n = int(idx.loc[s]["seeds"].max()) if s in idx.index.get_level_values(0) else 0
+        lines.append(f"| {s} | {n} | {fp32['top1']:.2f} ({fp32['top5']:.2f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def calibration_table(results: dict[tuple[str, str], dict], sources: list[str], bits: list[str]) -> str:
-    """The quantizer settings the cells were calibrated with and the calibration wall time of each."""
-    first = next(iter(results.values()))
+def seeds_table(cells: pd.DataFrame, bits: list[str]) -> str:
+    """Markdown table of every cell's top-1: one row per (source, seed), one column per bit-width."""
+    wide = cells.pivot_table(index=["source", "seed"], columns="bits", values="top1", sort=False)
+    lines = ["| source | seed | " + " | ".join(b.upper() for b in bits) + " |", "|" + "---|" * (2 + len(bits))]
+    for (s, k), row in wide.iterrows():
+        lines.append(f"| {s} | {k} | " + " | ".join(f"{row[b]:.2f}" if b in row else "n/a" for b in bits) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration_table(cells: pd.DataFrame, agg: pd.DataFrame, sources: list[str], bits: list[str]) -> str:
+    """The quantizer settings the cells were calibrated with and the mean calibration wall time."""
+    first = cells.iloc[0]
     head = (f"Protocol `{first.get('protocol', 'zeroq')}`, rounding `{first.get('rounding', 'nearest')}`, "
-            f"{first.get('weight_scheme', 'asymmetric')} per-channel weights. Calibration wall time, seconds:\n\n")
+            f"activation ranges `{first.get('act_method', 'n/a')}`, {first.get('weight_scheme', 'asymmetric')} "
+            "per-channel weights. Calibration wall time, seconds (mean over seeds):\n\n")
+    idx = agg.set_index(["source", "bits"])
     lines = ["| source | " + " | ".join(b.upper() for b in bits) + " |", "|" + "---|" * (1 + len(bits))]
     for s in sources:
-        secs = [results[(s, b)].get("calibration_seconds") for b in bits]
-        lines.append(f"| {s} | " + " | ".join("n/a" if t is None else f"{t:.1f}" for t in secs) + " |")
+        secs = [idx.loc[(s, b)].get("calibration_seconds_mean") if (s, b) in idx.index else None for b in bits]
+        lines.append(f"| {s} | " + " | ".join("n/a" if t is None or pd.isna(t) else f"{t:.1f}" for t in secs) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def mean_diversity(per_set: dict[tuple[str, int], dict]) -> dict[str, dict]:
+    """Diversity diagnostics per source: each number averaged over the source's seeds."""
+    out: dict[str, dict] = {}
+    for s in dict.fromkeys(src for src, _ in per_set):
+        ds = [d for (src, _), d in per_set.items() if src == s]
+        out[s] = {"bn_spread": [sum(v) / len(ds) for v in zip(*(d["bn_spread"] for d in ds))],
+                  **{k: sum(d[k] for d in ds) / len(ds) for k in ("bn_spread_mean", "feature_cosine")},
+                  "images": ds[0]["images"], "seeds": len(ds)}
+    return out
 
 
 def _plt():
@@ -40,20 +103,27 @@ def _plt():
     return plt
 
 
-def plot_accuracy_vs_bits(fp32: dict, results: dict, sources: list[str], bits: list[str], path) -> None:
-    """Top-1 against bit-width, one line per source, FP32 as a dashed reference."""
+def plot_accuracy_vs_bits(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[str], path) -> None:
+    """Top-1 against bit-width, one line per source (mean over seeds, error bars: std over seeds),
+    FP32 as a dashed reference."""
     plt = _plt()
     order = sorted(bits, key=lambda b: int(b[1:].split("a")[0]) * 10 + int(b.split("a")[1]))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for s in sources:
-        xs = [b for b in order if (s, b) in results]
-        ax.plot([b.upper() for b in xs], [results[(s, b)]["top1"] for b in xs], marker="o", label=s)
+    idx = agg.set_index(["source", "bits"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    for i, s in enumerate(sources):
+        xs = [b for b in order if (s, b) in idx.index]
+        mean = [idx.loc[(s, b)]["top1_mean"] for b in xs]
+        std = [0.0 if pd.isna(v) else v for v in (idx.loc[(s, b)]["top1_std"] for b in xs)]
+        pos = [order.index(b) + (i - (len(sources) - 1) / 2) * 0.04 for b in xs]  # dodge overlapping bars
+        ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3, label=s)
+    ax.set_xticks(range(len(order)), [b.upper() for b in order])
     ax.axhline(fp32["top1"], color="black", linestyle="--", linewidth=1, label=f"FP32 {fp32['top1']:.2f}")
+    n = int(agg["seeds"].max())
     ax.set_xlabel("bit-width (weights/activations)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("Accuracy vs bit-width per calibration source")
+    ax.set_title(f"Accuracy vs bit-width per calibration source (mean ± std over {n} seed{'s' * (n > 1)})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dfq.generators import INITS, SOURCES
+from dfq.generators import INITS, PROBES, SOURCES
 from dfq.observers import ACT_METHODS
 from dfq.quantizers import parse_bits
 
@@ -31,12 +31,16 @@ class Data(Strict):
     train_dir: Optional[str] = None
     resize: Optional[int] = Field(default=None, ge=0)
     num_images: int = PosInt
+    real_pool: int = PosInt
     seed: int = Field(ge=0)
 
     @model_validator(mode="after")
     def folders_given(self):
         if self.dataset == "imagefolder" and not (self.test_dir and self.train_dir):
             raise ValueError("data.dataset=imagefolder needs data.test_dir and data.train_dir")
+        if self.num_images > self.real_pool:
+            raise ValueError(f"data.num_images={self.num_images} is larger than data.real_pool={self.real_pool}: "
+                             "every real calibration set is drawn from that pool")
         return self
 
 
@@ -83,9 +87,22 @@ class DSG(Optim):
     sda: bool = True
     eps: float = Field(ge=0, le=1)
     per_channel: bool = False
+    margin_probe: str = "gaussian"
     lse: bool = True
     lse_weight: float = Field(ge=1)
-    batch_multiple: int = PosInt
+    lse_tied: Optional[int] = Field(default=None, gt=0)
+    label_weight: float = Field(default=0.0, ge=0)
+    tv_weight: float = Field(default=0.0, ge=0)
+    l2_weight: float = Field(default=0.0, ge=0)
+    jitter: int = Field(default=0, ge=0)
+    unbiased_std: bool = False
+
+    @field_validator("margin_probe")
+    @classmethod
+    def known_probe(cls, v: str) -> str:
+        if v not in PROBES:
+            raise ValueError(f"unknown margin_probe {v!r}; allowed: {', '.join(PROBES)}")
+        return v
 
 
 class Plain(Strict):
@@ -95,12 +112,21 @@ class Plain(Strict):
 class Generate(BaseModel):
     model_config = ConfigDict(extra="allow")
     sources: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
     batch_size: int = PosInt
-    seed: int = Field(ge=0)
+
+    @field_validator("seeds")
+    @classmethod
+    def distinct_seeds(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct non-negative integers (got {v})")
+        return v
 
     @model_validator(mode="after")
     def source_groups(self):
         extra = self.model_extra or {}
+        if "seed" in extra:
+            raise ValueError("generate.seed is replaced by generate.seeds, a list (e.g. [0] or [0, 1, 2])")
         for name in self.sources:
             if name not in extra:
                 raise ValueError(f"generate.sources: source {name!r} has no params group generate.{name}")

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HASH_TAG = "dfq.input_hash"
+# MLflow >= 3 opens an experiment without this tag on its GenAI overview (traces, token usage); with
+# it the UI lands on the runs table of model-training runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 @dataclass
@@ -65,6 +68,9 @@ def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
+        for key, value in EXPERIMENT_TAGS.items():
+            if not exp or exp.tags.get(key) != value:
+                client.set_experiment_tag(exp_id, key, value)
     except Exception as exc:  # the server is down, the DB is locked or unreadable
         raise TrackingError(
             f"cannot reach the MLflow tracking store {uri!r}: {type(exc).__name__}: {exc}. "
@@ -89,3 +95,52 @@ def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location
                     mlflow.log_artifact(a, artifact_path="reports")
         logged += 1
     return {"logged": logged, "skipped": skipped}
+
+
+def compare(uri: str, experiment: str, metric: str = "top1", by=("source", "bits"),
+            across: str = "dvc_exp_name", filter_string: str = ""):
+    """A table of ``metric`` across DVC experiments from MLflow: rows ``by`` (run tags), one column per
+    value of the ``across`` tag, each cell the mean, std and count over the seeds' runs (aggregate runs
+    left out; of runs logged twice for the same cell, the latest). Returns a pandas DataFrame with
+    columns (stat, <across value>)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise TrackingError(f"MLflow experiment {experiment!r} not found in {uri!r}")
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string,
+                              order_by=["attributes.start_time DESC"])
+    col = f"metrics.{metric}"
+    if runs.empty or col not in runs:
+        raise TrackingError(f"no run of experiment {experiment!r} has a metric {metric!r}"
+                            + (f" (filter: {filter_string})" if filter_string else ""))
+    tags = [f"tags.{t}" for t in (*by, across, "seed")]
+    for t in tags:
+        if t not in runs:
+            runs[t] = None
+    if "tags.aggregate" in runs:
+        runs = runs[runs["tags.aggregate"] != "true"]
+    runs = runs.dropna(subset=[col]).drop_duplicates(subset=tags, keep="first")
+    table = runs.pivot_table(index=[f"tags.{t}" for t in by], columns=f"tags.{across}", values=col,
+                             aggfunc=["mean", "std", "count"], sort=False, dropna=False)
+    table.index.names = list(by)
+    table.columns.names = ["stat", across]
+    return table
+
+
+def compare_markdown(table) -> str:
+    """A ``compare`` table as markdown: one cell per experiment, mean ± std (n seeds)."""
+    import pandas as pd
+
+    exps = list(dict.fromkeys(table["mean"].columns))
+    names = list(table.index.names)
+    lines = ["| " + " | ".join(names + exps) + " |", "|" + "---|" * (len(names) + len(exps))]
+    for key, row in table.iterrows():
+        key = key if isinstance(key, tuple) else (key,)
+        cells = []
+        for e in exps:
+            m, sd, n = row[("mean", e)], row[("std", e)], row[("count", e)]
+            cells.append("" if pd.isna(m) else f"{m:.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}") + f" ({int(n)})")
+        lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
+    return "\n".join(lines) + "\n"

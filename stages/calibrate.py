@@ -1,4 +1,5 @@
-"""Stage calibrate@<source>-<bits>: fake-quant model calibrated (and optionally reconstructed) on one source.
+"""Stage calibrate@<source>-<seed>-<bits>: fake-quant model calibrated (and optionally reconstructed) on one
+calibration set (data/calib/<source>-s<seed>).
 
 quantize.protocol picks the quantizer layout (zeroq | brecq), quantize.rounding the weight rounding
 (nearest | adaround | brecq | qdrop); reconstruction reads the cached synthetic tensors of the source.
@@ -56,5 +57,5 @@ def main(source: str, bits: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m stages.calibrate SOURCE BITS   (e.g. zeroq w4a4)")
+        raise SystemExit("usage: python -m stages.calibrate SET BITS   (e.g. zeroq-s0 w4a4)")
     main(sys.argv[1], sys.argv[2])

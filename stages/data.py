@@ -1,8 +1,9 @@
-"""Stage data: the evaluation set, the training set (embedded model only) and the real calibration subset.
+"""Stage data: the evaluation set, the training set (embedded model only) and the pool of real calibration images.
 
 fashion_mnist: IDX files -> uint8 tensors (torchvision's reader). imagefolder: <dir>/<class>/<image>
 folders (CIFAR-10 JPEGs in ../shared, an ImageNet validation layout): read in place through a manifest,
-never copied. Outputs: data/prepared/{train,eval}/, calib_real.pt (normalised), meta.json.
+never copied. Outputs: data/prepared/{train,eval}/, calib_real.pt (data.real_pool normalised training
+images; each seed of the real source draws data.num_images of them), meta.json.
 """
 from stages._common import load_params, resolve_path, setup_torch
 
@@ -31,7 +32,10 @@ def main() -> None:
                     raise SystemExit(str(exc)) from None
             save_torch({"images": xtr, "labels": ytr}, tmp / "train" / "train.pt")
             save_torch({"images": xte, "labels": yte}, tmp / "eval" / "test.pt")
-            calib = spec.normalize(ds.calibration_subset(xtr, p["num_images"], p["seed"]))
+            try:
+                calib = spec.normalize(ds.calibration_subset(xtr, p["real_pool"], p["seed"]))
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from None
         elif p["dataset"] == "imagefolder":
             spec = ds.InputSpec.from_dict(input_spec(model_p["arch"]) or input_spec("resnet18"))
             try:
@@ -42,7 +46,8 @@ def main() -> None:
             classes = test["classes"]
             save_json({**test, "resize": p.get("resize")}, tmp / "eval" / "manifest.json")
             save_json({**train, "resize": p.get("resize")}, tmp / "train" / "manifest.json")
-            pick = ds.calibration_subset(torch.arange(len(train["files"])), p["num_images"], p["seed"])
+            pool = min(p["real_pool"], len(train["files"]))  # a small folder: all of it
+            pick = ds.calibration_subset(torch.arange(len(train["files"])), pool, p["seed"])
             folder = ds.ManifestDataset(train, ds.folder_transform(spec, p.get("resize")), spec.shape[0])
             calib = torch.stack([folder[int(i)][0] for i in pick])
             xte = test["files"]
@@ -52,7 +57,7 @@ def main() -> None:
         save_json({"dataset": p["dataset"], "num_classes": len(classes), "classes": classes,
                    "input_spec": spec.to_dict(), "eval_images": len(xte), "calib_real": list(calib.shape)},
                   tmp / "meta.json")
-    print(f"{p['dataset']}: {len(classes)} classes, {len(xte)} evaluation images, real calibration subset "
+    print(f"{p['dataset']}: {len(classes)} classes, {len(xte)} evaluation images, real calibration pool "
           f"{tuple(calib.shape)} (normalised) -> {OUT}/")
 
 

@@ -1,4 +1,4 @@
-"""Stage evaluate@<source>-<bits>: top-1/top-5 of the calibrated fake-quant model on the test set."""
+"""Stage evaluate@<source>-<seed>-<bits>: top-1/top-5 of the calibrated fake-quant model on the test set."""
 import sys
 from pathlib import Path
 
@@ -10,6 +10,7 @@ def main(source: str, bits: str) -> None:
     setup_torch()
     from dfq.datasets import InputSpec, open_eval_dataset
     from dfq.evaluate import evaluate, make_loader
+    from dfq.generators import parse_set
     from dfq.io import load_torch, save_json
     from dfq.models import load_checkpoint
     from dfq.quantize import load_quantized
@@ -20,13 +21,14 @@ def main(source: str, bits: str) -> None:
     spec = InputSpec.from_dict(meta["input_spec"])
     loader = make_loader(open_eval_dataset("data/prepared/eval", spec), p["batch_size"], workers())
     m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
-    save_json({"top1": m["top1"], "top5": m["top5"], "source": source, "bits": bits,
-               **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme") if k in ckpt}},
+    name, seed = parse_set(source)
+    save_json({"top1": m["top1"], "top5": m["top5"], "source": name, "seed": seed, "bits": bits,
+               **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "act_method") if k in ckpt}},
               Path("metrics/eval") / f"{source}-{bits}.json")
     print(f"{source}-{bits}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%")
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m stages.evaluate SOURCE BITS   (e.g. zeroq w4a4)")
+        raise SystemExit("usage: python -m stages.evaluate SET BITS   (e.g. zeroq-s0 w4a4)")
     main(sys.argv[1], sys.argv[2])

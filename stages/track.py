@@ -1,4 +1,6 @@
-"""Stage track (no outputs, so DVC never skips it through its run-cache): one MLflow run per cell."""
+"""Stage track (no outputs, so DVC never skips it through its run-cache): one MLflow run per
+(source, seed, bits) cell, tagged with its seed, plus one aggregate run per (source, bits) with the
+mean and std over seeds."""
 import json
 import os
 import subprocess
@@ -20,42 +22,49 @@ def lock_md5(lock: dict, stage: str, path: str) -> str:
 
 def main() -> None:
     data_p, model_p, train_p, gen_p, quant_p, track_p = load_params("data", "model", "train", "generate", "quantize", "track")
-    from dfq import tracking
+    from dfq import report, tracking
 
     root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
     lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     fp32 = json.loads(Path("metrics/fp32.json").read_text())
-    fp32_md5 = lock_md5(lock, "fp32", "models/fp32.pt")
-    cells = []
-    for s in gen_p["sources"]:
-        for b in quant_p["bits"]:
-            m = json.loads((Path("metrics/eval") / f"{s}-{b}.json").read_text())
-            calib = Path("metrics/calibrate") / f"{s}-{b}.json"
-            m["calibration_seconds"] = json.loads(calib.read_text())["seconds"] if calib.is_file() else None
-            div = json.loads((Path("metrics/diversity") / f"{s}.json").read_text())
-            data_md5 = lock_md5(lock, f"generate@{s}", f"data/calib/{s}")
-            params = {"source": s, "bits": b, "data": data_p, "model": model_p,
-                      "train": {} if model_p.get("weights") else train_p,
-                      "generate": {"batch_size": gen_p["batch_size"], "seed": gen_p["seed"], s: gen_p[s]},
-                      "quantize": {k: v for k, v in quant_p.items() if k != "bits"}}
-            cells.append(tracking.Cell(
-                run_name=f"{s}-{b}", params=params,
-                metrics={"top1": m["top1"], "top5": m["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
-                         "top1_drop": fp32["top1"] - m["top1"], "bn_spread_mean": div["bn_spread_mean"],
-                         "feature_cosine": div["feature_cosine"],
-                         **({"calibration_seconds": m["calibration_seconds"]} if m.get("calibration_seconds") else {}),
-                         **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}},
-                tags={"git_commit": commit or "unknown", "dvc_stage": os.environ.get("DVC_STAGE", "track"),
-                      "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "source": s, "bits": b,
-                      "synthetic_data_md5": data_md5, "fp32_model_md5": fp32_md5},
-                artifacts=ARTIFACTS,
-                inputs={"data_md5": data_md5, "fp32_md5": fp32_md5,
-                        "quant_md5": lock_md5(lock, f"calibrate@{s}-{b}", f"models/quant/{s}-{b}.pt")}))
+    cells = report.set_metrics(gen_p["sources"], gen_p["seeds"], quant_p["bits"])
+    common = {"git_commit": commit or "unknown", "dvc_stage": os.environ.get("DVC_STAGE", "track"),
+              "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+              "fp32_model_md5": lock_md5(lock, "fp32", "models/fp32.pt")}
+    base = {"fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"]}
+    runs = []
+    for m in cells.to_dict("records"):
+        s, k, b = m["source"], m["seed"], m["bits"]
+        name = f"{s}-s{k}"
+        div = json.loads((Path("metrics/diversity") / f"{name}.json").read_text())
+        data_md5 = lock_md5(lock, f"generate@{s}-{k}", f"data/calib/{name}")
+        params = {"source": s, "seed": k, "bits": b, "data": data_p, "model": model_p,
+                  "train": {} if model_p.get("weights") else train_p,
+                  "generate": {"batch_size": gen_p["batch_size"], s: gen_p[s]},
+                  "quantize": {key: v for key, v in quant_p.items() if key != "bits"}}
+        runs.append(tracking.Cell(
+            run_name=f"{name}-{b}", params=params,
+            metrics={**base, "top1": m["top1"], "top5": m["top5"], "top1_drop": fp32["top1"] - m["top1"],
+                     "bn_spread_mean": div["bn_spread_mean"], "feature_cosine": div["feature_cosine"],
+                     **({"calibration_seconds": m["calibration_seconds"]} if m["calibration_seconds"] else {}),
+                     **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}},
+            tags={**common, "source": s, "seed": str(k), "bits": b, "synthetic_data_md5": data_md5},
+            artifacts=ARTIFACTS,
+            inputs={"data_md5": data_md5, "quant_md5": lock_md5(lock, f"calibrate@{s}-{k}-{b}",
+                                                                 f"models/quant/{name}-{b}.pt")}))
+    for a in report.aggregate(cells).to_dict("records"):
+        s, b = a["source"], a["bits"]
+        params = {"source": s, "seeds": gen_p["seeds"], "bits": b, "model": model_p, "generate": {s: gen_p[s]},
+                  "quantize": {key: v for key, v in quant_p.items() if key != "bits"}}
+        runs.append(tracking.Cell(
+            run_name=f"{s}-{b}-mean", params=params,
+            metrics={**base, **{k: v for k, v in a.items() if k not in ("source", "bits") and v == v}},
+            tags={**common, "source": s, "seed": "mean", "bits": b, "aggregate": "true"}))
     uri = tracking.default_tracking_uri(root)
-    print(f"logging {len(cells)} runs to {uri} (experiment {track_p['experiment']!r})", flush=True)
+    print(f"logging {len(runs)} runs to {uri} (experiment {track_p['experiment']!r})", flush=True)
     try:
-        result = tracking.log_cells(cells, uri=uri, experiment=track_p["experiment"],
+        result = tracking.log_cells(runs, uri=uri, experiment=track_p["experiment"],
                                     artifact_location=(root / "mlartifacts").as_uri())
     except tracking.TrackingError as exc:
         raise SystemExit(str(exc)) from None

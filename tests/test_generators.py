@@ -39,7 +39,7 @@ def test_zeroq_lowers_the_loss_deterministically_and_freezes_nothing(tiny_bn):
 
 
 def test_non_finite_loss_names_the_iteration(tiny_bn):
-    def bad(x, stats: BNInputStats):
+    def bad(x, stats: BNInputStats, logits=None):
         return zeroq_loss(x, stats) * float("nan")
 
     with pytest.raises(FloatingPointError, match="batch 3.*iteration 0"):

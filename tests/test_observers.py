@@ -137,3 +137,26 @@ def test_make_observer_passes_its_params_through():
 def test_unknown_method_names_the_param():
     with pytest.raises(ValueError, match="quantize.act_method='foo'"):
         make_observer("foo")
+
+
+def test_dsg_range_rule_hand_made():
+    """The official DSG code's rule: per-sample min/max averaged over the batch, running extreme over
+    batches, starting from 0."""
+    from dfq.observers import make_observer
+
+    obs = make_observer("dsg")
+    b1 = torch.tensor([[1.0, 2.0, 5.0], [3.0, 4.0, 9.0]])          # mins 1, 3 -> 2; maxs 5, 9 -> 7
+    b2 = torch.tensor([[-4.0, 0.0, 1.0], [-2.0, 0.5, 3.0]])        # mins -4, -2 -> -3; maxs 1, 3 -> 2
+    obs(b1)
+    lo, hi = obs.calculate_range(4)
+    assert (lo.item(), hi.item()) == (0.0, 7.0)                     # lo starts at 0, not at 2
+    obs(b2)
+    lo, hi = obs.calculate_range(4)
+    assert (lo.item(), hi.item()) == (-3.0, 7.0)
+    # order of the batches does not matter (unlike ema), and it differs from plain min-max
+    other = make_observer("dsg")
+    other(b2), other(b1)
+    assert [t.item() for t in other.calculate_range(4)] == [-3.0, 7.0]
+    mm = make_observer("minmax")
+    mm(b1), mm(b2)
+    assert [t.item() for t in mm.calculate_range(4)] == [-4.0, 9.0]

@@ -50,9 +50,9 @@ def repo(tmp_path_factory):
         if f and f != "dvc.lock" and not f.startswith(("metrics/", "reports/")) and (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
-    tiny = {"data.num_images": 8, "train.epochs": 1, "train.max_images": 2000, "generate.sources": ["zeroq"],
-            "generate.batch_size": 8, "generate.zeroq.iterations": 5, "quantize.bits": ["w8a8"],
-            "evaluate.batch_size": 2000}
+    tiny = {"data.num_images": 8, "data.real_pool": 64, "train.epochs": 1, "train.max_images": 2000,
+            "generate.sources": ["zeroq", "real"], "generate.batch_size": 8, "generate.zeroq.iterations": 5,
+            "quantize.bits": ["w8a8", "w2a2"], "evaluate.batch_size": 2000}
     for k, v in tiny.items():
         set_param(repo, k, v)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -77,78 +77,144 @@ def mlflow_runs(repo):
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
+def table_row(results_md, source):
+    """The cells of ``source``'s row in the first table of results.md."""
+    for line in results_md.splitlines():
+        if line.startswith(f"| {source} |"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no row for {source} in results.md")
+
+
+CELLS = [f"{s}-{k}-{b}" for s in ("zeroq", "real") for k in (0,) for b in ("w8a8", "w2a2")]
+
+
 def test_repro_metrics_tracking_and_granularity(repo, env):
     out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == {"data", "fp32", "generate@zeroq", "diversity@zeroq", "calibrate@zeroq-w8a8",
-                        "evaluate@zeroq-w8a8", "report", "track"}
+    assert ran(out) == {"data", "fp32", "generate@zeroq-0", "generate@real-0", "diversity@zeroq-0", "diversity@real-0",
+                        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS), "report", "track"}
     fp32 = json.loads((repo / "metrics/fp32.json").read_text())
-    cell = json.loads((repo / "metrics/eval/zeroq-w8a8.json").read_text())
-    assert set(fp32) == {"top1", "top5"} and 10 < fp32["top1"] <= 100
-    assert cell["source"] == "zeroq" and cell["bits"] == "w8a8" and 0 <= cell["top1"] <= 100
-    assert "| zeroq |" in (repo / "reports/results.md").read_text()
-    div = json.loads((repo / "metrics/diversity/zeroq.json").read_text())
+    assert set(fp32) == {"top1", "top5"} and 30 < fp32["top1"] <= 100
+    cells = {}
+    for s in ("zeroq", "real"):
+        for b in ("w8a8", "w2a2"):
+            cells[s, b] = json.loads((repo / f"metrics/eval/{s}-s0-{b}.json").read_text())
+            assert (cells[s, b]["source"], cells[s, b]["seed"], cells[s, b]["bits"]) == (s, 0, b)
+        # a quantized result is judged: 8 bits stay within 3 points of FP32, 2 bits fall far below it
+        # (measured on this tiny profile: 8-bit within ~0.3 points, 2-bit 20-50 points below)
+        assert abs(cells[s, "w8a8"]["top1"] - fp32["top1"]) < 3, (s, cells[s, "w8a8"], fp32)
+        assert cells[s, "w2a2"]["top1"] < fp32["top1"] - 10, (s, cells[s, "w2a2"], fp32)
+        # every source gets the same number of calibration images
+        meta = json.loads((repo / f"data/calib/{s}-s0/meta.json").read_text())
+        assert meta["num_images"] == 8 and meta["seed"] == 0
+    assert cells["zeroq", "w2a2"]["top1"] != cells["real", "w2a2"]["top1"]  # different inputs, different cells
+    # results.md shows exactly the metrics files' numbers (one seed: no std)
+    results = (repo / "reports/results.md").read_text()
+    for s in ("zeroq", "real"):
+        row = table_row(results, s)
+        assert row[1] == "1" and row[2].startswith(f"{fp32['top1']:.2f}")
+        assert row[3] == f"{cells[s, 'w8a8']['top1']:.2f} ({cells[s, 'w8a8']['top5']:.2f})"
+        assert row[4] == f"{cells[s, 'w2a2']['top1']:.2f} ({cells[s, 'w2a2']['top5']:.2f})"
+    div = json.loads((repo / "metrics/diversity/zeroq-s0.json").read_text())
     assert len(div["bn_spread"]) == 9 and -1 <= div["feature_cosine"] <= 1
     assert (repo / "reports/accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
-    meta = json.loads((repo / "data/calib/zeroq/meta.json").read_text())
+    meta = json.loads((repo / "data/calib/zeroq-s0/meta.json").read_text())
     assert meta["method"] == "zeroq" and meta["batches"][0]["loss_end"] < meta["batches"][0]["loss_start"]
-    assert "zeroq-w8a8.json" in sh(["dvc", "metrics", "show"], repo, env)
+    assert "zeroq-s0-w8a8.json" in sh(["dvc", "metrics", "show"], repo, env)
 
     runs = mlflow_runs(repo)
-    assert len(runs) == 1
-    tags = runs[0].data.tags
+    assert len(runs) == 4 + 4  # one per (source, seed, bits) and one aggregate per (source, bits)
+    per_seed = {r.data.tags["source"] + "-" + r.data.tags["bits"]: r for r in runs if r.data.tags["seed"] == "0"}
+    assert set(per_seed) == {"zeroq-w8a8", "zeroq-w2a2", "real-w8a8", "real-w2a2"}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert tags["synthetic_data_md5"] == lock["stages"]["generate@zeroq"]["outs"][0]["md5"]
+    tags = per_seed["zeroq-w8a8"].data.tags
+    assert tags["synthetic_data_md5"] == lock["stages"]["generate@zeroq-0"]["outs"][0]["md5"]
     assert tags["git_commit"] == sh(["git", "rev-parse", "HEAD"], repo).strip()
-    assert runs[0].data.metrics["top1"] == pytest.approx(cell["top1"])
+    for (s, b), c in cells.items():
+        assert per_seed[f"{s}-{b}"].data.metrics["top1"] == pytest.approx(c["top1"])
+    agg = [r for r in runs if r.data.tags.get("aggregate") == "true"]
+    assert len(agg) == 4 and all(r.data.metrics["seeds"] == 1 for r in agg)
+    import mlflow
+
+    exp = mlflow.tracking.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_experiment_by_name("dfq")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
     # nothing changed: nothing runs, and forcing the track stage logs no duplicate
     assert ran(sh(["dvc", "repro"], repo, env)) == set()
-    assert "1 already logged" in sh(["dvc", "repro", "-f", "-s", "track"], repo, env)
-    assert len(mlflow_runs(repo)) == 1
+    assert "8 already logged" in sh(["dvc", "repro", "-f", "-s", "track"], repo, env)
+    assert len(mlflow_runs(repo)) == 8
 
     # MLflow unreachable: the track stage fails with advice, outputs stay, and the rerun logs once
     down = {**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
     r = subprocess.run([sys.executable, "-m", "stages.track"], cwd=repo, env=down, capture_output=True, text=True)
     assert r.returncode != 0 and "cannot reach the MLflow tracking store" in r.stderr and "rerun" in r.stderr
-    assert (repo / "metrics/eval/zeroq-w8a8.json").is_file() and (repo / "reports/results.md").is_file()
+    assert (repo / "metrics/eval/zeroq-s0-w8a8.json").is_file() and (repo / "reports/results.md").is_file()
     sh([sys.executable, "-m", "stages.track"], repo, env)
-    assert len(mlflow_runs(repo)) == 1
+    assert len(mlflow_runs(repo)) == 8
+
+    # a second seed adds its own sets and cells; seed 0's stages do not rerun
+    set_param(repo, "generate.seeds", [0, 1])
+    new = [f"{s}-1-{b}" for s in ("zeroq", "real") for b in ("w8a8", "w2a2")]
+    assert ran(sh(["dvc", "repro"], repo, env)) == {
+        "generate@zeroq-1", "generate@real-1", "diversity@zeroq-1", "diversity@real-1",
+        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in new), "report", "track"}
+    for s in ("zeroq", "real"):  # each seed is its own calibration set
+        b0 = torch_load(repo / f"data/calib/{s}-s0/batch_00000.pt")
+        assert not torch_equal(b0, torch_load(repo / f"data/calib/{s}-s1/batch_00000.pt"))
+    results = (repo / "reports/results.md").read_text()
+    w2 = [json.loads((repo / f"metrics/eval/zeroq-s{k}-w2a2.json").read_text())["top1"] for k in (0, 1)]
+    mean, std = sum(w2) / 2, abs(w2[0] - w2[1]) / 2 ** 0.5
+    assert table_row(results, "zeroq")[4].startswith(f"{mean:.2f} ± {std:.2f}")
+    assert len(mlflow_runs(repo)) == 8 + 4 + 4  # 4 new per-seed runs, 4 new aggregates (their inputs changed)
 
     # a quantization param reruns calibrate, evaluate, report and track only
-    set_param(repo, "quantize.act_method", "percentile")
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8", "report", "track"}
-    assert len(mlflow_runs(repo)) == 2
+    set_param(repo, "generate.seeds", [0])
+    set_param(repo, "quantize.act_method", "dsg")
+    assert ran(sh(["dvc", "repro"], repo, env)) == {*(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS),
+                                                    "report", "track"}
+    assert json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())["act_method"] == "dsg"
 
     # reconstruction reads the cached synthetic tensors: switching protocol and rounding never regenerates
+    set_param(repo, "quantize.bits", ["w8a8"])
+    set_param(repo, "generate.sources", ["zeroq"])
     set_param(repo, "quantize.protocol", "brecq")
     set_param(repo, "quantize.rounding", "qdrop")
     set_param(repo, "quantize.reconstruction.iterations", 3)
     out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == {"calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8", "report", "track"}
+    assert ran(out) == {"calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8", "report", "track"}
     assert "qdrop reconstruction on 8 images" in out
-    cell = json.loads((repo / "metrics/eval/zeroq-w8a8.json").read_text())
+    cell = json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())
     assert cell["protocol"] == "brecq" and cell["rounding"] == "qdrop"
-    assert json.loads((repo / "metrics/calibrate/zeroq-w8a8.json").read_text())["seconds"] > 0
+    assert abs(cell["top1"] - fp32["top1"]) < 3
+    assert json.loads((repo / "metrics/calibrate/zeroq-s0-w8a8.json").read_text())["seconds"] > 0
     assert "rounding `qdrop`" in (repo / "reports/results.md").read_text()
-    runs = mlflow_runs(repo)
-    assert len(runs) == 3
-    latest = max(runs, key=lambda r: r.info.start_time)
-    assert latest.data.params["quantize.rounding"] == "qdrop" and latest.data.metrics["calibration_seconds"] > 0
+    latest = max(mlflow_runs(repo), key=lambda r: r.info.start_time)
+    assert latest.data.params["quantize.rounding"] == "qdrop"
 
     # determinism: regenerating in a new process gives byte-identical synthetic tensors
     def batch_bytes():
-        return {p.name: p.read_bytes() for p in sorted((repo / "data/calib/zeroq").glob("batch_*.pt"))}
+        return {p.name: p.read_bytes() for p in sorted((repo / "data/calib/zeroq-s0").glob("batch_*.pt"))}
 
     before = batch_bytes()
-    sh(["dvc", "repro", "-f", "-s", "generate@zeroq"], repo, env)
+    sh(["dvc", "repro", "-f", "-s", "generate@zeroq-0"], repo, env)
     assert batch_bytes() == before and before
 
     # a zeroq param reruns zeroq's generation and what follows, not data or fp32
     set_param(repo, "generate.zeroq.iterations", 6)
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq", "diversity@zeroq", "calibrate@zeroq-w8a8",
-                                                     "evaluate@zeroq-w8a8", "report", "track"}
-    assert len(mlflow_runs(repo)) == 4
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq-0", "diversity@zeroq-0", "calibrate@zeroq-0-w8a8",
+                                                     "evaluate@zeroq-0-w8a8", "report", "track"}
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def torch_equal(a, b):
+    import torch
+
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 def test_share_through_the_default_remote(repo, env, tmp_path):
@@ -163,8 +229,8 @@ def test_share_through_the_default_remote(repo, env, tmp_path):
     # the clone's default remote resolves beside the clone: point it at the producer's remote
     sh(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], clone, env)
     out = sh(["dvc", "repro", "--pull"], clone, env)
-    assert not ran(out) & {"data", "fp32", "generate@zeroq", "calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8"}, out
-    assert len(list((clone / "data/calib/zeroq").glob("batch_*.pt"))) == 1
+    assert not ran(out) & {"data", "fp32", "generate@zeroq-0", "calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8"}, out
+    assert len(list((clone / "data/calib/zeroq-s0").glob("batch_*.pt"))) == 1
 
 
 def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
@@ -173,7 +239,7 @@ def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
     before = len(mlflow_runs(repo))
     sh(["mlflow", "db", "upgrade", f"sqlite:///{repo / 'mlflow.db'}"], repo, env)  # create before workers
     sh(["dvc", "exp", "run", "--queue", "-S", "generate.dsg.eps=0.5,0.9", "-S", "generate.sources=[dsg]",
-        "-S", "generate.dsg.iterations=5", "-S", "generate.dsg.batch_multiple=1"], repo, env)
+        "-S", "generate.seeds=[0]", "-S", "generate.dsg.iterations=5"], repo, env)
     sh(["dvc", "queue", "start", "-j", "2"], repo, env)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -183,7 +249,7 @@ def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
         time.sleep(3)
     assert status.count("Success") >= 2, status
     runs = mlflow_runs(repo)
-    assert len(runs) == before + 2
+    assert len(runs) == before + 2 * 2  # per experiment: one per-seed run and one aggregate (one seed, one bits)
     names = {r.data.tags["dvc_exp_name"] for r in runs[: len(runs) - before]}
     assert len(names) == 2 and "workspace" not in names
     shown = sh(["dvc", "exp", "show", "--no-pager", "--md"], repo, {**env, "COLUMNS": "400"})
@@ -229,5 +295,5 @@ def test_share_through_an_s3_remote(repo, env, tmp_path, s3_server):
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     use_s3(clone)
     out = sh(["dvc", "repro", "--pull"], clone, s3env)
-    assert not ran(out) & {"data", "fp32", "generate@zeroq", "calibrate@zeroq-w8a8", "evaluate@zeroq-w8a8"}, out
-    assert list((clone / "data/calib/zeroq").glob("batch_*.pt"))
+    assert not ran(out) & {"data", "fp32", "generate@zeroq-0", "calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8"}, out
+    assert list((clone / "data/calib/zeroq-s0").glob("batch_*.pt"))
