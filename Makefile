@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-package repro test ui exp ablation recon sweep
+.PHONY: setup data-package repro test ui exp ablation recon dsg-study sweep
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,28 @@ recon: setup
 	mlflow db upgrade sqlite:///$(abspath mlflow.db)
 	for r in $(ROUNDINGS); do python -m stages.profile cifar10-resnet20-recon --queue -n recon-$$r \
 	  -S quantize.rounding=$$r || exit 1; done
+	dvc queue start -j 1
+
+# DSG study (issue: DSG that beats ZeroQ, with error bars): shared CIFAR-10 ResNet-20, 3 seeds, the walk
+# from the paper's recipe to the official code's at W4A4 under min-max and the DSG code's range rule,
+# percentile and MSE ranges for the main sources, W6A6, the code's own budget (40 images); then the
+# default model. One queued DVC experiment each, run one at a time (generation is restored from the
+# run-cache after the first). Then: python -m stages.compare --metric top1
+MAIN5 := '["gaussian","zeroq","real","dsg","dsg_code"]'
+DEFAULT_STUDY := -S 'generate.seeds=[0,1,2]' -S 'generate.sources=["gaussian","zeroq","real","dsg","dsg_walk_probe","dsg_code"]' \
+  -S 'quantize.bits=["w6a6","w4a4"]'
+dsg-study: setup
+	mlflow db upgrade sqlite:///$(abspath mlflow.db)
+	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n walk-minmax
+	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n walk-dsgrange -S quantize.act_method=dsg
+	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n main-percentile -S quantize.act_method=percentile -S generate.sources=$(MAIN5)
+	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n main-mse -S quantize.act_method=mse -S generate.sources=$(MAIN5)
+	python -m stages.profile cifar10-resnet20 --queue -n w6-minmax -S 'quantize.bits=["w6a6"]'
+	python -m stages.profile cifar10-resnet20 --queue -n w6-dsgrange -S 'quantize.bits=["w6a6"]' -S quantize.act_method=dsg
+	python -m stages.profile cifar10-resnet20 --queue -n peer40-minmax -S data.num_images=40 -S generate.batch_size=40 \
+	  -S 'generate.sources=["dsg_code","zeroq"]' -S 'quantize.bits=["w4a4"]'
+	dvc exp run --queue -n default-minmax $(DEFAULT_STUDY)
+	dvc exp run --queue -n default-dsgrange $(DEFAULT_STUDY) -S quantize.act_method=dsg
 	dvc queue start -j 1
 
 # A parameter sweep as queued DVC experiments, two at a time; every run lands in the same MLflow DB
