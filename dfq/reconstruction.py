@@ -1,7 +1,10 @@
 """Output reconstruction on calibration data: AdaRound, BRECQ and QDrop on a prepared fake-quant model.
 
 Each *unit* is optimised on its own, in execution order, from cached tensors: its input x_hat as the
-already-quantized model produces it, and its full-precision output y as target. The loss is
+already-quantized model produces it, and as target y the output of the same unit in an untouched FP32
+copy of the model, run on that copy's own input (BRECQ's asymmetric objective). The copy is made before
+any unit is rounded, so no target sees earlier units' rounded weights or quantized activations; QDrop's
+dropped elements keep the quantized model's own unquantized values. The loss is
 ||unit(x_hat) - y||^2 (summed over channels, averaged over the rest) plus, for the rounding variables,
 lambda * sum(1 - |2 h(V) - 1|^beta) with beta annealed from beta_start to beta_end after a warm-up
 without the regulariser (AdaRound, Nagel et al. 2020).
@@ -16,6 +19,7 @@ without the regulariser (AdaRound, Nagel et al. 2020).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -160,6 +164,8 @@ def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconC
     data = data.to(device)
     for p in gm.parameters():
         p.requires_grad_(False)
+    fp32 = copy.deepcopy(gm)  # untouched FP32 model (weights and activations unquantized): every target
+    set_quant_state(fp32, weights=False, acts=False)
     torch.manual_seed(cfg.seed)  # QDrop's random drop masks
     units = recon_units(gm, layerwise=method == "adaround")
     t0 = time.perf_counter()
@@ -170,9 +176,7 @@ def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconC
         acts = method == "qdrop"
         set_quant_state(gm, weights=True, acts=acts)
         x = capture(gm, name, data, output=False)
-        set_quant_state(gm, weights=False, acts=False)
-        y = capture(gm, name, data, output=True)
-        set_quant_state(gm, weights=True, acts=acts)
+        y = capture(fp32, name, data, output=True)
         r = optimize_unit(gm.get_submodule(name), x, y, cfg, learn_weights=True, learn_acts=acts,
                           drop_prob=cfg.drop_prob if acts else 0.0, desc=f"{method} {name}")
         log.append({"unit": name, **r})
@@ -185,9 +189,7 @@ def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconC
         for entry in log:
             name = entry["unit"]
             x = capture(gm, name, data, output=False)
-            set_quant_state(gm, weights=False, acts=False)
-            y = capture(gm, name, data, output=True)
-            set_quant_state(gm, weights=True, acts=True)
+            y = capture(fp32, name, data, output=True)
             r = optimize_unit(gm.get_submodule(name), x, y, cfg, learn_weights=False, learn_acts=True,
                               desc=f"brecq act {name}")
             entry.update(act_error_before=r["error_before"], act_error_after=r["error_after"])
