@@ -9,8 +9,13 @@ can run on its own, which block reconstruction (reconstruction.py) needs. In eve
   weights at the target bits, first and last layer included; an activation fake-quant follows every
   ReLU/ReLU6, whether an ``nn.ReLU`` module, ``F.relu``/``torch.relu`` or a ``.relu()`` call.
 - protocol ``brecq`` (BRECQ/QDrop): BatchNorm folded into the preceding conv; an activation fake-quant
-  on the input of every Conv2d/Linear (one per distinct input tensor); the first and the last weight
-  layer, weights and input, at 8 bits.
+  on the input of every Conv2d/Linear (one per distinct input tensor), and EVERY consumer of that
+  tensor reads the quantized copy: a block's output is quantized once, and the next block's convs, its
+  shortcut and its residual add all see the same quantized tensor (BRECQ; MobileNetV2's ``x + conv(x)``
+  likewise). What stays FP32 is what an integer engine keeps at accumulator precision: conv/linear
+  outputs (BN folded) until the next quantizer, so a residual add sums the last conv's FP32 output
+  with the quantized (or conv-projected) shortcut. The first and the last weight layer, weights and
+  input, at 8 bits.
 
 ``calibrate`` runs calibration batches through the observers and freezes the activation ranges.
 """
@@ -109,8 +114,11 @@ def _insert_act(gm: fx.GraphModule, after: fx.Node, users: list[fx.Node], bits: 
                 index: int) -> str:
     name = f"act_fq_{index}"
     gm.add_submodule(name, ActFakeQuantize(bits, observer))
-    anchor = users[0] if after.op == "placeholder" else after
-    with (gm.graph.inserting_before(anchor) if after.op == "placeholder" else gm.graph.inserting_after(anchor)):
+    if after.op == "placeholder":  # after all inputs, before the first computation (and every user)
+        where = gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder"))
+    else:
+        where = gm.graph.inserting_after(after)
+    with where:
         fq = gm.graph.call_module(name, (after,))
     for user in users:
         user.replace_input_with(after, fq)
@@ -161,7 +169,8 @@ def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[]
                 consumers.setdefault(node.args[0], []).append(node)
             for src, users in consumers.items():
                 full = {f"{prefix}.{u.target}" if prefix else u.target for u in users}
-                _insert_act(g, src, users, 8 if full & edge else abits, make_observer(), n_acts)
+                # every user (shortcut, residual add, ...) reads the quantized tensor, not only the weight layers
+                _insert_act(g, src, list(src.users), 8 if full & edge else abits, make_observer(), n_acts)
                 n_acts += 1
         g.graph.lint()
         g.recompile()

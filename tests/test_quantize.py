@@ -134,3 +134,88 @@ def test_load_quantized_round_trip(protocol):
     ckpt = {"bits": "w4a4", "protocol": protocol, "weight_scheme": "symmetric", "state_dict": gm.state_dict()}
     with torch.no_grad():
         assert torch.equal(load_quantized(model, ckpt)(x), gm(x))
+
+
+# brecq protocol: what each conv, linear and residual add reads. A tensor counts as quantized when it
+# comes from an activation quantizer through ops that keep values on its grid (slicing, zero padding,
+# max pooling, ReLU, reshapes); README "Quantization" lists the only FP32 inputs: conv/linear outputs
+# (BN folded, an integer engine's accumulators) summed by a residual add.
+GRID_KEEPING_FUNCTIONS = {"getitem", "pad", "relu", "flatten", "max_pool2d"}
+GRID_KEEPING_METHODS = {"view", "reshape", "flatten", "contiguous", "relu"}
+
+
+def _origin(node, modules):
+    """('fq', quantizer) | ('acc', None) for a conv/linear output | ('other', node), walking back through
+    grid-keeping ops."""
+    from dfq.quantize import QUANT_TYPES
+    from dfq.quantizers import ActFakeQuantize
+
+    while True:
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, ActFakeQuantize):
+            return "fq", mod
+        if isinstance(mod, QUANT_TYPES):
+            return "acc", None
+        keeps = (isinstance(mod, (nn.MaxPool2d, nn.Identity, nn.ReLU, nn.ReLU6, nn.Flatten))
+                 or (node.op == "call_function" and getattr(node.target, "__name__", "") in GRID_KEEPING_FUNCTIONS)
+                 or (node.op == "call_method" and node.target in GRID_KEEPING_METHODS))
+        if not keeps:
+            return "other", node
+        node = node.args[0]
+
+
+def _on_act_grid(t: torch.Tensor, fq) -> bool:
+    q = t / fq.scale + fq.zero_point.float()
+    return bool((q - q.round()).abs().max() < 1e-3 and q.min() > -1e-3 and q.max() < 2**fq.bits - 1 + 1e-3)
+
+
+@pytest.mark.parametrize("arch,shape", [("fmnist_resnet", (4, 1, 28, 28)), ("cifar_resnet20", (4, 3, 32, 32)),
+                                        ("resnet18", (2, 3, 64, 64)), ("mobilenet_v2", (2, 3, 64, 64))])
+def test_brecq_protocol_every_conv_linear_and_add_reads_quantized_tensors(arch, shape):
+    """Hooks the inputs of every conv, linear and add of a prepared, calibrated brecq-protocol model:
+    each lies on the grid of the quantizer it comes from; the only FP32 inputs are conv/linear outputs
+    entering a residual add (a block's output, and so its shortcut, is quantized once)."""
+    import operator
+
+    from torch import fx
+
+    from dfq.quantize import QUANT_TYPES
+
+    torch.manual_seed(0)
+    gm = prepare(_randomize_bn(build_model(arch, 10)), 4, 4, MinMaxObserver, protocol="brecq")
+    x = torch.randn(*shape)
+    calibrate(gm, [x])
+    checks, hooks = [], []  # (kind, name, origin per input, input tensors)
+    for g in [m for m in gm.modules() if isinstance(m, fx.GraphModule)]:
+        modules = dict(g.named_modules())
+        for node in list(g.graph.nodes):
+            if node.op == "call_module" and isinstance(modules[node.target], QUANT_TYPES):
+                origin = [_origin(node.args[0], modules)]
+                hooks.append(modules[node.target].register_forward_pre_hook(
+                    lambda m, a, o=origin, n=node.name: checks.append(("layer", n, o, [a[0]]))))
+            elif node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
+                origin = [_origin(a, modules) for a in node.args[:2]]
+
+                def add(a, b, o=origin, n=node.name):
+                    checks.append(("add", n, o, [a, b]))
+                    return a + b
+
+                node.target = add
+        g.recompile()
+    with torch.no_grad():
+        gm(x)
+    for h in hooks:
+        h.remove()
+    assert len([c for c in checks if c[0] == "layer"]) == len([m for m in gm.modules() if isinstance(m, QUANT_TYPES)])
+    quantized_shortcuts = 0
+    for kind, name, origins, tensors in checks:
+        for (what, fq), t in zip(origins, tensors):
+            if what == "acc":
+                assert kind == "add", f"{name} reads an unquantized conv/linear output"
+                continue
+            assert what == "fq", f"{kind} {name} reads {fq} ({fq.op} {fq.target}), not a quantized tensor"
+            assert _on_act_grid(t, fq), f"{kind} {name}: input off its quantizer's grid"
+            quantized_shortcuts += kind == "add"
+    # residual adds whose shortcut is the block input (identity or option-A padding), checked above;
+    # the other blocks project the shortcut with a 1x1 conv (fmnist_resnet: 2 of 3, resnet18: 3 of 8)
+    assert quantized_shortcuts == {"fmnist_resnet": 1, "cifar_resnet20": 9, "resnet18": 5, "mobilenet_v2": 10}[arch]
