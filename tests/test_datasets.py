@@ -20,7 +20,7 @@ def test_calibration_subset_is_seeded_and_distinct():
     a, b = calibration_subset(imgs, 50, 3), calibration_subset(imgs, 50, 3)
     assert torch.equal(a, b) and len(torch.unique(a)) == 50
     assert not torch.equal(a, calibration_subset(imgs, 50, 4))
-    with pytest.raises(ValueError, match="data.num_images=2000"):
+    with pytest.raises(ValueError, match="data.real_pool=2000"):
         calibration_subset(imgs, 2000, 0)
 
 
