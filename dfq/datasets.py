@@ -38,11 +38,14 @@ NO_DATA_HELP = (
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model expects: shape of one image and the normalisation that maps [0, 1] to it."""
+    """What the model expects: shape of one image, the normalisation that maps [0, 1] to it and, for
+    pretrained ImageNet models, the shorter side to resize to before the center crop (None: the
+    256/224 rule of ``default_resize``)."""
 
     shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: int | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W) / (N, C, H, W) or float [0, 1] images -> normalised float (N, C, H, W)."""
@@ -59,11 +62,12 @@ class InputSpec:
         return x * std + mean
 
     def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std)}
+        d = {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std)}
+        return d if self.resize is None else {**d, "resize": self.resize}
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
-        return cls(tuple(d["shape"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(tuple(d["shape"]), tuple(d["mean"]), tuple(d["std"]), d.get("resize"))
 
 
 FASHION_MNIST_SPEC = InputSpec((1, 28, 28), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
@@ -173,7 +177,10 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 
 def default_resize(spec: InputSpec) -> int:
-    """ImageNet-size models: resize to 256/224 of the crop (256 for 224, 342 for 299); small models: none."""
+    """The spec's own resize (a pretrained torchvision model's preprocessing), else for ImageNet-size
+    models 256/224 of the crop (256 for 224, 342 for 299); small models: none."""
+    if spec.resize is not None:
+        return spec.resize
     size = spec.shape[1]
     return 0 if size <= 64 else int(round(size * 256 / 224))
 

@@ -7,6 +7,8 @@ the common CIFAR ResNets do) and the stem uses an ``nn.ReLU`` module, so the qua
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,10 +116,16 @@ TORCHVISION_ARCHS = ("resnet18", "resnet50", "mobilenet_v2", "inception_v3", "sh
 
 
 def _torchvision(name: str):
+    """The torchvision model as its pretrained builder configures it (weights are loaded afterwards):
+    the builder of a weights enum overrides some constructor defaults, e.g. inception_v3's
+    transform_input=True (its pretrained weights expect inputs mapped to [-1, 1]; tested against
+    torchvision's builder for every arch here). Its AuxLogits head is kept (the pretrained state dict
+    holds it) but does not run in eval mode."""
+
     def build(num_classes=1000):
         import torchvision
 
-        kw = {"aux_logits": True, "init_weights": False} if name == "inception_v3" else {}
+        kw = {"aux_logits": True, "init_weights": False, "transform_input": True} if name == "inception_v3" else {}
         return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kw)
 
     return build
@@ -134,18 +142,28 @@ INPUT_SPECS = {
     "fmnist_resnet": {"shape": [1, 28, 28], "mean": [0.2860], "std": [0.3530]},
     "cifar": {"shape": [3, 32, 32], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     "imagenet": {"shape": [3, 224, 224], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-    "inception_v3": {"shape": [3, 299, 299], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-}
+}  # torchvision archs: torchvision_spec (their DEFAULT weights' preprocessing)
+
+
+def torchvision_spec(arch: str) -> dict:
+    """Input spec of a torchvision arch from its DEFAULT weights' own preprocessing: crop size, mean, std
+    and the shorter-side resize (``resize``: 232 for resnet50 and mobilenet_v2, whose DEFAULT weights are
+    the V2 recipe; 256 for resnet18 and shufflenet; 342 for inception_v3's 299 crop)."""
+    import torchvision
+
+    t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    return {"shape": [3, t.crop_size[0], t.crop_size[0]], "mean": list(t.mean), "std": list(t.std),
+            "resize": int(t.resize_size[0])}
 
 
 def input_spec(arch: str) -> dict | None:
     """The input spec of a known arch (None for user models: the dataset's spec is used)."""
     if arch.startswith("cifar_resnet"):
         return INPUT_SPECS["cifar"]
+    if arch in TORCHVISION_ARCHS:
+        return torchvision_spec(arch)
     if arch in INPUT_SPECS:
         return INPUT_SPECS[arch]
-    if arch in TORCHVISION_ARCHS:
-        return INPUT_SPECS["imagenet"]
     return None
 
 
@@ -174,8 +192,36 @@ def output_classes(model: nn.Module, spec: dict) -> int:
         return int(model.eval()(torch.zeros(1, *spec["shape"])).shape[1])
 
 
+def executed_modules(model: nn.Module, leaves: Iterable[str] = ()) -> set[str] | None:
+    """Qualified names of the modules an eval-mode forward pass calls, found by tracing the model with
+    torch.fx (torch.nn layers and the modules named in ``leaves`` are called whole, others traced into).
+    A registered module that eval mode never runs (Inception3's AuxLogits) is absent. None when torch.fx
+    cannot trace the model (data-dependent control flow): callers then take every module as run."""
+    from torch import fx
+
+    leaf_ids = {id(model.get_submodule(n)) for n in leaves}
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return id(m) in leaf_ids or super().is_leaf_module(m, qualname)
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        graph = Tracer().trace(model)
+    except Exception:  # any error of a user's forward under symbolic tracing: fall back to all modules
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+    return {n.target for n in graph.nodes if n.op == "call_module"}
+
+
 def count_bn(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    """Number of BatchNorm2d layers an eval forward runs (those BN-statistic generation matches)."""
+    from dfq.bn_stats import bn_layers
+
+    return len(bn_layers(model))
 
 
 def load_state_dict(model: nn.Module, state: dict, source: str) -> nn.Module:

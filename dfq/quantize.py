@@ -30,6 +30,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
+from dfq.models import executed_modules
 from dfq.quantizers import ActFakeQuantize, QuantConv2d, QuantLinear
 
 PROTOCOLS = ("zeroq", "brecq")
@@ -62,7 +63,8 @@ def _swap_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def find_blocks(model: nn.Module) -> list[str]:
     """Names of the reconstruction units: walking down from the root through nn.Sequential and
     nn.ModuleList containers, the first module of any other class that holds a Conv2d/Linear
-    (a torchvision BasicBlock/Bottleneck/InvertedResidual, a CIFAR ResNet block, a user's block)."""
+    (a torchvision BasicBlock/Bottleneck/InvertedResidual, a CIFAR ResNet block, a user's block), if
+    an eval-mode forward pass calls it."""
     blocks: list[str] = []
 
     def walk(mod: nn.Module, prefix: str) -> None:
@@ -74,7 +76,8 @@ def find_blocks(model: nn.Module) -> list[str]:
                 blocks.append(full)
 
     walk(model, "")
-    return blocks
+    ran = executed_modules(model, blocks)  # a block eval mode never calls (Inception3's AuxLogits) is no unit
+    return [b for b in blocks if ran is None or b in ran]
 
 
 class _UnitTracer(fx.Tracer):
