@@ -53,27 +53,30 @@ recon: setup
 	  -S quantize.rounding=$$r || exit 1; done
 	dvc queue start -j 1
 
-# DSG study (issue: DSG that beats ZeroQ, with error bars): shared CIFAR-10 ResNet-20, 3 seeds, the walk
-# from the paper's recipe to the official code's at W4A4 under min-max and the DSG code's range rule,
-# percentile and MSE ranges for the main sources, W6A6, the code's own budget (40 images); then the
-# default model. One queued DVC experiment each, run one at a time (generation is restored from the
-# run-cache after the first). Then: python -m stages.compare --metric top1
-MAIN5 := '["gaussian","zeroq","real","dsg","dsg_code"]'
-DEFAULT_STUDY := -S 'generate.seeds=[0,1,2]' -S 'generate.sources=["gaussian","zeroq","real","dsg","dsg_walk_probe","dsg_code"]' \
+# DSG study (issue: DSG that beats ZeroQ, with error bars), one queued DVC experiment each, run one at a
+# time (generation is restored from the run-cache after the first): shared CIFAR-10 ResNet-20, 3 seeds,
+# 64 images per set; gaussian/zeroq/real/dsg/dsg_code at W4A4 under min-max and the DSG code's range
+# rule; the walk from the paper's recipe to the code's; W6A6; percentile and MSE ranges; the code's own
+# 40-image budget; then the default model. DFQ_THREADS=1 keeps a shared 2-core machine from thrashing.
+# Then: python -m stages.compare --metric top1 --filter "tags.bits = 'w4a4'"
+W4 := -S 'quantize.bits=["w4a4"]'
+DEFAULT_STUDY := -S 'generate.seeds=[0,1,2]' -S 'generate.sources=["gaussian","zeroq","real","dsg","dsg_code"]' \
   -S 'quantize.bits=["w6a6","w4a4"]'
 dsg-study: setup
 	mlflow db upgrade sqlite:///$(abspath mlflow.db)
+	python -m stages.profile cifar10-resnet20 --queue -n main-minmax $(W4)
+	python -m stages.profile cifar10-resnet20 --queue -n main-dsgrange $(W4) -S quantize.act_method=dsg
 	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n walk-minmax
 	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n walk-dsgrange -S quantize.act_method=dsg
-	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n main-percentile -S quantize.act_method=percentile -S generate.sources=$(MAIN5)
-	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n main-mse -S quantize.act_method=mse -S generate.sources=$(MAIN5)
 	python -m stages.profile cifar10-resnet20 --queue -n w6-minmax -S 'quantize.bits=["w6a6"]'
 	python -m stages.profile cifar10-resnet20 --queue -n w6-dsgrange -S 'quantize.bits=["w6a6"]' -S quantize.act_method=dsg
-	python -m stages.profile cifar10-resnet20 --queue -n peer40-minmax -S data.num_images=40 -S generate.batch_size=40 \
-	  -S 'generate.sources=["dsg_code","zeroq"]' -S 'quantize.bits=["w4a4"]'
+	python -m stages.profile cifar10-resnet20 --queue -n main-percentile $(W4) -S quantize.act_method=percentile
+	python -m stages.profile cifar10-resnet20 --queue -n main-mse $(W4) -S quantize.act_method=mse
+	python -m stages.profile cifar10-resnet20 --queue -n peer40-minmax $(W4) -S data.num_images=40 \
+	  -S generate.batch_size=40 -S 'generate.sources=["dsg_code","zeroq"]'
 	dvc exp run --queue -n default-minmax $(DEFAULT_STUDY)
 	dvc exp run --queue -n default-dsgrange $(DEFAULT_STUDY) -S quantize.act_method=dsg
-	dvc queue start -j 1
+	DFQ_THREADS=1 dvc queue start -j 1
 
 # A parameter sweep as queued DVC experiments, two at a time; every run lands in the same MLflow DB
 # (created first: several workers creating a fresh SQLite DB at once would race).
