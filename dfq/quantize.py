@@ -134,7 +134,7 @@ def _weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[], nn.Module],
-            protocol: str = "zeroq", weight_scheme: str = "asymmetric") -> fx.GraphModule:
+            protocol: str = "zeroq", weight_scheme: str = "asymmetric", weight_range: str = "minmax") -> fx.GraphModule:
     """A traced copy of ``model`` with fake-quant weights and observing activation quantizers."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"quantize.protocol={protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
@@ -181,7 +181,7 @@ def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[]
     for name, mod in list(gm.named_modules()):
         if type(mod) in WEIGHT_TYPES:
             cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
-            _swap_module(gm, name, cls(mod, 8 if name in edge else wbits, weight_scheme))
+            _swap_module(gm, name, cls(mod, 8 if name in edge else wbits, weight_scheme, weight_range))
             n_weights += 1
     if n_acts == 0:
         raise NothingQuantizedError(
@@ -236,13 +236,13 @@ def load_calibrated(gm: nn.Module, state: dict) -> nn.Module:
 
 
 def load_quantized(model: nn.Module, ckpt: dict) -> nn.Module:
-    """The fake-quant model saved by the calibrate stage: prepared with the checkpoint's own bits and
-    protocol (older checkpoints: the zeroq protocol), then loaded."""
+    """The fake-quant model saved by the calibrate stage: prepared with the checkpoint's own bits,
+    protocol, weight scheme and weight range (older checkpoints: zeroq, asymmetric, minmax), then loaded."""
     from dfq.observers import MinMaxObserver
     from dfq.quantizers import parse_bits
 
     gm = prepare(model, *parse_bits(ckpt["bits"]), MinMaxObserver, ckpt.get("protocol", "zeroq"),
-                 ckpt.get("weight_scheme", "asymmetric"))
+                 ckpt.get("weight_scheme", "asymmetric"), ckpt.get("weight_range", "minmax"))
     return load_calibrated(gm, ckpt["state_dict"])
 
 

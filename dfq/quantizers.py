@@ -4,6 +4,9 @@ Uniform quantization with b bits: q = clamp(round(x / s) + z, 0, 2^b - 1) and x_
 The range [lo, hi] is widened to contain 0 so that zero is exact.
 - weights: one (s, z) per output channel from the channel's min-max; asymmetric, or symmetric with
   z = 2^(b-1) and s = max|w| / (2^(b-1) - 1), i.e. signed b-bit integers with zero point 0 (INT8-exportable);
+  range ``minmax`` (the whole channel), or ``mse``: per channel, the clipping range among 80 shrinkings
+  alpha * range, alpha = 1, 0.99, ..., 0.21, with the least squared error of the quantized channel
+  (BRECQ/Genie search each channel's range before rounding; min-max is a candidate, so never worse);
 - activations: one (s, z) per tensor, range from a calibration observer (see observers.py);
 - AdaRound (Nagel et al. 2020): weights rounded up or down by a learned h(V) in [0, 1] instead of to
   the nearest grid point (``AdaRoundWeight``; the reconstruction loops are in reconstruction.py).
@@ -48,18 +51,39 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int, axis: int | Non
 
 
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
+WEIGHT_RANGES = ("minmax", "mse")
+RANGE_SHRINKS = 1.0 - 0.01 * torch.arange(80)  # mse candidates: alpha = 1, 0.99, ..., 0.21
 
 
-def weight_qparams(weight: torch.Tensor, bits: int, scheme: str = "asymmetric") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel min-max quantization parameters of a conv/linear weight."""
-    flat = weight.detach().flatten(1).float()
+def _channel_grid(flat: torch.Tensor, bits: int, scheme: str, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero point) of the grid covering alpha times each row's min-max range."""
     if scheme == "asymmetric":
-        return qparams_from_range(flat.min(1).values, flat.max(1).values, bits)
+        return qparams_from_range(alpha * flat.min(1).values, alpha * flat.max(1).values, bits)
     if scheme != "symmetric":
         raise ValueError(f"weight scheme {scheme!r} is unknown; allowed: {', '.join(WEIGHT_SCHEMES)}")
     half = 2 ** (bits - 1)
-    scale = torch.clamp(flat.abs().max(1).values / (half - 1), min=1e-8)
+    scale = torch.clamp(alpha * flat.abs().max(1).values / (half - 1), min=1e-8)
     return scale, torch.full_like(scale, half, dtype=torch.int32)
+
+
+def weight_qparams(weight: torch.Tensor, bits: int, scheme: str = "asymmetric",
+                   method: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel quantization parameters of a conv/linear weight: the channel's min-max range
+    (``minmax``), or the shrunk range with the least squared quantization error per channel (``mse``)."""
+    if method not in WEIGHT_RANGES:
+        raise ValueError(f"quantize.weight_range={method!r} is unknown; allowed: {', '.join(WEIGHT_RANGES)}")
+    flat = weight.detach().flatten(1).float()
+    scale, zp = _channel_grid(flat, bits, scheme)
+    if method == "minmax":
+        return scale, zp
+    best = (fake_quantize(flat, scale, zp, bits, axis=0) - flat).square().sum(1)
+    for alpha in RANGE_SHRINKS[1:].tolist():
+        s, z = _channel_grid(flat, bits, scheme, alpha)
+        err = (fake_quantize(flat, s, z, bits, axis=0) - flat).square().sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zp = torch.where(better, s, scale), torch.where(better, z, zp)
+    return scale, zp
 
 
 class AdaRoundWeight(nn.Module):
@@ -123,16 +147,17 @@ class _WeightFakeQuant:
 
 
 class QuantConv2d(_WeightFakeQuant, nn.Conv2d):
-    """A Conv2d whose weight is fake-quantized per output channel (min-max grid)."""
+    """A Conv2d whose weight is fake-quantized per output channel (min-max or MSE-searched grid)."""
 
-    def __init__(self, conv: nn.Conv2d, bits: int, scheme: str = "asymmetric"):
+    def __init__(self, conv: nn.Conv2d, bits: int, scheme: str = "asymmetric",
+                 weight_range: str = "minmax"):
         super().__init__(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
         )
         self.load_state_dict(conv.state_dict())
-        self.weight_bits, self.weight_scheme = bits, scheme
-        scale, zp = weight_qparams(self.weight, bits, scheme)
+        self.weight_bits, self.weight_scheme, self.weight_range = bits, scheme, weight_range
+        scale, zp = weight_qparams(self.weight, bits, scheme, weight_range)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zp)
 
@@ -141,13 +166,14 @@ class QuantConv2d(_WeightFakeQuant, nn.Conv2d):
 
 
 class QuantLinear(_WeightFakeQuant, nn.Linear):
-    """A Linear whose weight is fake-quantized per output channel (min-max grid)."""
+    """A Linear whose weight is fake-quantized per output channel (min-max or MSE-searched grid)."""
 
-    def __init__(self, linear: nn.Linear, bits: int, scheme: str = "asymmetric"):
+    def __init__(self, linear: nn.Linear, bits: int, scheme: str = "asymmetric",
+                 weight_range: str = "minmax"):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None)
         self.load_state_dict(linear.state_dict())
-        self.weight_bits, self.weight_scheme = bits, scheme
-        scale, zp = weight_qparams(self.weight, bits, scheme)
+        self.weight_bits, self.weight_scheme, self.weight_range = bits, scheme, weight_range
+        scale, zp = weight_qparams(self.weight, bits, scheme, weight_range)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zp)
 

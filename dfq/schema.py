@@ -162,6 +162,7 @@ class Quantize(Strict):
     bits: list[str] = Field(min_length=1)
     protocol: Literal["zeroq", "brecq"] = "zeroq"
     weight_scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
+    weight_range: Literal["minmax", "mse"] = "minmax"
     rounding: Literal["nearest", "adaround", "brecq", "qdrop"] = "nearest"
     reconstruction: Reconstruction
     act_method: str

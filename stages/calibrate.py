@@ -32,7 +32,7 @@ def main(source: str, bits: str) -> None:
         raise SystemExit(f"data/calib/{source}: no calibration batches found")
     gm = prepare(model, wbits, abits,
                  lambda: make_observer(q["act_method"], percentile=q["percentile"], ema_momentum=q["ema_momentum"]),
-                 q["protocol"], q["weight_scheme"])
+                 q["protocol"], q["weight_scheme"], q["weight_range"])
     start = time.perf_counter()
     recon = None
     if q["rounding"] == "nearest":
@@ -44,7 +44,8 @@ def main(source: str, bits: str) -> None:
         recon = reconstruct(gm, data, q["rounding"], ReconConfig(**q["reconstruction"]), device())
     seconds = time.perf_counter() - start
     info = {"source": source, "bits": bits, "protocol": q["protocol"], "weight_scheme": q["weight_scheme"],
-            "rounding": q["rounding"], "act_method": q["act_method"], "images": n, **summary(gm),
+            "weight_range": q["weight_range"], "rounding": q["rounding"], "act_method": q["act_method"], "images": n,
+            **summary(gm),
             **({"reconstruction": recon["units"]} if recon else {})}
     out = Path("models/quant") / f"{source}-{bits}.pt"
     save_torch({**info, "state_dict": {k: v.cpu() for k, v in gm.state_dict().items()}}, out)

@@ -23,7 +23,8 @@ def main(source: str, bits: str) -> None:
     m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
     name, seed = parse_set(source)
     save_json({"top1": m["top1"], "top5": m["top5"], "source": name, "seed": seed, "bits": bits,
-               **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "act_method") if k in ckpt}},
+               **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "weight_range", "act_method")
+                  if k in ckpt}},
               Path("metrics/eval") / f"{source}-{bits}.json")
     print(f"{source}-{bits}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%")
 

@@ -219,3 +219,27 @@ def test_brecq_protocol_every_conv_linear_and_add_reads_quantized_tensors(arch, 
     # residual adds whose shortcut is the block input (identity or option-A padding), checked above;
     # the other blocks project the shortcut with a 1x1 conv (fmnist_resnet: 2 of 3, resnet18: 3 of 8)
     assert quantized_shortcuts == {"fmnist_resnet": 1, "cifar_resnet20": 9, "resnet18": 5, "mobilenet_v2": 10}[arch]
+
+
+@pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
+def test_mse_weight_range_in_prepare_and_checkpoint(protocol):
+    """prepare searches every layer's per-channel range (a different grid from min-max), and the
+    checkpoint's weight_range rebuilds the same model."""
+    from dfq.quantize import load_quantized, weight_quantized_layers
+    from dfq.quantizers import weight_qparams
+
+    model = _randomize_bn(build_model("fmnist_resnet", 10))
+    x = torch.randn(8, 1, 28, 28)
+    gm = prepare(model, 3, 4, MinMaxObserver, protocol=protocol, weight_range="mse")
+    plain = prepare(model, 3, 4, MinMaxObserver, protocol=protocol)
+    layers = weight_quantized_layers(gm)
+    assert all(m.weight_range == "mse" for m in layers)
+    for m in layers:
+        assert torch.equal(m.weight_scale, weight_qparams(m.weight, m.weight_bits, "asymmetric", "mse")[0])
+    assert any(not torch.equal(a.weight_scale, b.weight_scale) for a, b in zip(layers, weight_quantized_layers(plain)))
+    calibrate(gm, [x])
+    ckpt = {"bits": "w3a4", "protocol": protocol, "weight_range": "mse", "state_dict": gm.state_dict()}
+    again = load_quantized(model, ckpt)
+    assert all(m.weight_range == "mse" for m in weight_quantized_layers(again))
+    with torch.no_grad():
+        assert torch.equal(again(x), gm(x))

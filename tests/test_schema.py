@@ -172,3 +172,10 @@ def test_model_without_bn_for_bn_sources():
         check_model(validate(p))
     p["generate"]["sources"] = ["gaussian", "real"]
     check_model(validate(p))
+
+
+def test_weight_range_is_minmax_or_mse():
+    assert validate(GOOD).quantize.weight_range == "minmax"
+    assert validate(with_change("quantize.weight_range", "mse")).quantize.weight_range == "mse"
+    with pytest.raises(ParamsError, match="quantize.weight_range: Input should be 'minmax' or 'mse'"):
+        validate(with_change("quantize.weight_range", "l2.4"))
