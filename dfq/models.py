@@ -177,7 +177,10 @@ def build_model(arch: str, num_classes: int = 10) -> nn.Module:
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"model.arch={arch!r}: cannot import {attr!r} from {mod_name!r}: {exc}") from exc
-        model = factory()
+        try:
+            model = factory()
+        except Exception as exc:  # whatever the user's callable raises: one message naming the param
+            raise ValueError(f"model.arch={arch!r}: calling it failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, nn.Module):
             raise ValueError(f"model.arch={arch!r} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -224,8 +227,28 @@ def count_bn(model: nn.Module) -> int:
     return len(bn_layers(model))
 
 
-def load_state_dict(model: nn.Module, state: dict, source: str) -> nn.Module:
-    """Strictly load ``state`` (a plain state dict, or a dict holding ``state_dict``; ``module.`` stripped)."""
+def class_count_mismatch(model: nn.Module, state: dict) -> tuple[int, int, str] | None:
+    """(the model's classes, the weights' classes, a classifier key) when ``state`` differs from the
+    model's own state dict only in the class count: the same keys, and every tensor of another shape
+    differs in its first dimension alone, one size in the model and one other size in the weights."""
+    own = model.state_dict()
+    if own.keys() != state.keys():
+        return None
+    diff = [(k, own[k].shape, state[k].shape) for k in own if own[k].shape != state[k].shape]
+    if not diff or any(len(a) != len(b) or len(a) == 0 or a[1:] != b[1:] for _, a, b in diff):
+        return None
+    sizes = {(a[0], b[0]) for _, a, b in diff}
+    if len(sizes) != 1:
+        return None
+    (mine, theirs), = sizes
+    key = next((k for k, a, _ in reversed(diff) if len(a) >= 2), diff[-1][0])  # the last such weight: the head
+    return mine, theirs, key
+
+
+def load_state_dict(model: nn.Module, state: dict, source: str, classes_from: str = "the model") -> nn.Module:
+    """Strictly load ``state`` (a plain state dict, or a dict holding ``state_dict``; ``module.`` stripped).
+    Weights for another class count get their own message, saying where the model's class count came
+    from (``classes_from``, e.g. "the dataset")."""
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -234,6 +257,12 @@ def load_state_dict(model: nn.Module, state: dict, source: str) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        classes = class_count_mismatch(model, state)
+        if classes:
+            mine, theirs, key = classes
+            raise ValueError(f"{source}: weights do not match: {classes_from} has {mine} classes and the weights "
+                             f"{theirs} ({key} has {theirs} outputs): use weights trained for these classes, or "
+                             f"data with {theirs} classes") from exc
         raise ValueError(f"{source}: weights do not match the architecture: {exc}") from exc
     return model
 
@@ -265,7 +294,7 @@ def check_classes(model: nn.Module, spec: dict, num_classes: int) -> None:
                          "(check model.arch/model.weights against data.*)")
 
 
-def load_torchvision_weights(model: nn.Module, arch: str) -> nn.Module:
+def load_torchvision_weights(model: nn.Module, arch: str, classes_from: str = "the model") -> nn.Module:
     """torchvision's default pretrained weights (from the torch hub cache; downloaded when online)."""
     import torchvision
 
@@ -275,4 +304,4 @@ def load_torchvision_weights(model: nn.Module, arch: str) -> nn.Module:
     except Exception as exc:  # offline with an empty hub cache, or an unknown arch
         raise ValueError(f"model.weights=torchvision: cannot get pretrained {arch} weights ({exc}); put them in the "
                          "torch hub cache or give model.weights a local file") from exc
-    return load_state_dict(model, state, f"torchvision {arch}")
+    return load_state_dict(model, state, f"model.weights=torchvision ({arch})", classes_from)

@@ -122,6 +122,15 @@ class Generate(BaseModel):
             raise ValueError(f"seeds must be distinct non-negative integers (got {v})")
         return v
 
+    @field_validator("sources")
+    @classmethod
+    def distinct_sources(cls, v: list[str]) -> list[str]:
+        repeated = sorted({s for s in v if v.count(s) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(repr, repeated))} repeated: list each source once (to run a method "
+                             "twice, add a params group under another name with method: <method>)")
+        return v
+
     @model_validator(mode="after")
     def source_groups(self):
         extra = self.model_extra or {}
@@ -254,9 +263,18 @@ def check_paths(p: Params, roots: list[Path]) -> None:
             raise ParamsError(f"params.yaml: {key}={value}: not found (looked relative to {', '.join(map(str, roots))})")
         if not os.access(found, os.R_OK):
             raise ParamsError(f"params.yaml: {key}={value}: not readable")
+        if key == "model.weights":
+            _weights_file(value, found)
     if p.model.weights is None and p.data.dataset != "fashion_mnist":
         raise ParamsError("params.yaml: model.weights is null, but training is only built in for data.dataset="
                           "fashion_mnist: give model.weights (a file, or 'torchvision')")
+
+
+def _weights_file(value: str, found: Path) -> Path:
+    if not found.is_file():
+        raise ParamsError(f"params.yaml: model.weights={value}: {found} is a folder, not a weights file "
+                          "(give a state-dict file saved with torch.save, or 'torchvision')")
+    return found
 
 
 def dataset_classes(p: Params, roots: list[Path]) -> int:
@@ -279,7 +297,8 @@ def check_model(p: Params, roots: list[Path] | None = None) -> None:
         model = build_model(p.model.arch, classes or 10)
         weights = p.model.weights and p.model.weights != "torchvision" and resolve(p.model.weights, roots)
         if weights:
-            load_state_dict(model, load_torch(weights), f"model.weights={p.model.weights}")
+            load_state_dict(model, load_torch(_weights_file(p.model.weights, weights)),
+                            f"model.weights={p.model.weights}", "the dataset" if classes else "the model")
         spec = input_spec(p.model.arch) or (input_spec("fmnist_resnet") if p.data.dataset == "fashion_mnist"
                                             else input_spec("resnet18"))
         if classes:

@@ -24,11 +24,11 @@ def main() -> None:
         weights = model_p.get("weights")
         if weights == "torchvision":
             print(f"loading torchvision's pretrained {arch} (torch hub cache, or a download when online)", flush=True)
-            models.load_torchvision_weights(model, arch)
+            models.load_torchvision_weights(model, arch, "the dataset")
         elif weights:
             path = resolve_path(weights, "model.weights")
             print(f"loading FP32 weights from {path}", flush=True)
-            models.load_state_dict(model, load_torch(path), str(path))
+            models.load_state_dict(model, load_torch(path), f"model.weights={weights}", "the dataset")
         elif Path(DATA, "train", "train.pt").is_file():
             train = load_torch(Path(DATA, "train", "train.pt"))
             n = train_p.get("max_images") or len(train["labels"])

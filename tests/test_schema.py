@@ -179,3 +179,37 @@ def test_weight_range_is_minmax_or_mse():
     assert validate(with_change("quantize.weight_range", "mse")).quantize.weight_range == "mse"
     with pytest.raises(ParamsError, match="quantize.weight_range: Input should be 'minmax' or 'mse'"):
         validate(with_change("quantize.weight_range", "l2.4"))
+
+
+def test_weights_folder_is_named(tmp_path):
+    (tmp_path / "weights").mkdir()
+    p = with_change("model.weights", "weights")
+    for check in (check_paths, check_model):
+        with pytest.raises(ParamsError, match="model.weights=weights: .* is a folder, not a weights file"):
+            check(validate(p), [tmp_path])
+
+
+def test_arch_whose_call_fails_is_named():
+    p = with_change("model.arch", "os:system")
+    with pytest.raises(ParamsError, match=r"model.arch='os:system': calling it failed: TypeError: .*system\(\)"):
+        check_model(validate(p))
+
+
+def test_dataset_and_weights_class_counts_are_named(tmp_path):
+    """A 3-class ImageFolder with 10-class weights: the message gives both counts, not state-dict shapes."""
+    for split in ("test", "train"):
+        for name in ("cat", "dog", "emu"):
+            (tmp_path / split / name).mkdir(parents=True)
+    torch.save(build_model("cifar_resnet20", 10).state_dict(), tmp_path / "w10.pt")
+    p = with_change("data.dataset", "imagefolder")
+    p["data"].update(test_dir="test", train_dir="train")
+    p["model"].update(arch="cifar_resnet20", weights="w10.pt")
+    with pytest.raises(ParamsError) as err:
+        check_model(validate(p), [tmp_path])
+    assert "model.weights=w10.pt: weights do not match: the dataset has 3 classes and the weights 10" in str(err.value)
+    assert "size mismatch" not in str(err.value)
+
+
+def test_repeated_sources_are_rejected():
+    with pytest.raises(ParamsError, match="generate.sources: 'dsg' repeated: list each source once"):
+        validate(with_change("generate.sources", ["dsg", "zeroq", "dsg"]))
