@@ -7,6 +7,7 @@ need the file system or the model. The library never reads params.yaml itself: c
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -203,6 +204,22 @@ class Track(Strict):
     experiment: str = Field(min_length=1)
 
 
+EXPORT_CELL = re.compile(r"^[A-Za-z0-9_]+-s\d+-w[2-8]a[2-8]$")
+
+
+class Export(Strict):
+    cells: list[str] = []          # <source>-s<seed>-<bits>, e.g. zeroq-s0-w8a8
+    batch_size: int = Field(default=64, gt=0)
+
+    @field_validator("cells")
+    @classmethod
+    def valid_cells(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if not EXPORT_CELL.match(str(c)):
+                raise ValueError(f"cell {c!r} is not <source>-s<seed>-w<B>a<B> (e.g. zeroq-s0-w8a8)")
+        return v
+
+
 class Params(Strict):
     data: Data
     model: Model
@@ -211,6 +228,7 @@ class Params(Strict):
     quantize: Quantize
     evaluate: Evaluate
     track: Track
+    export: Export = Export()
 
 
 class ParamsError(ValueError):
