@@ -336,11 +336,16 @@ def _qdq_rewrite(model) -> dict[str, str]:
         kernels[_layer_name(n)] = "ConvInteger + float rescale"
         base = n.output[0]
         c = sw.size
-        new_inits += [numpy_helper.from_array(sb.reshape(1, c, 1, 1), base + "_rescale")]
-        attrs = [a for a in n.attribute]
-        conv = helper.make_node("ConvInteger", [dq_x.input[0], dq_w.input[0], dq_x.input[2]], [base + "_int32"],
+        # ONNX Runtime's ConvInteger is ~3.6x faster with uint8 weights (u8u8) than int8 ones: the same
+        # integers shifted by 128, zero point 128 (ConvInteger takes one weight zero point per layer)
+        w_u8 = (consts[dq_w.input[0]].astype(np.int16) + 128).astype(np.uint8)
+        new_inits += [numpy_helper.from_array(sb.reshape(1, c, 1, 1), base + "_rescale"),
+                      numpy_helper.from_array(w_u8, base + "_weight_uint8"),
+                      numpy_helper.from_array(np.array(128, dtype=np.uint8), base + "_weight_zero_point")]
+        conv = helper.make_node("ConvInteger", [dq_x.input[0], base + "_weight_uint8", dq_x.input[2],
+                                                base + "_weight_zero_point"], [base + "_int32"],
                                 name=n.name + "_ConvInteger")
-        conv.attribute.extend(attrs)
+        conv.attribute.extend(n.attribute)
         tail = [conv, helper.make_node("Cast", [base + "_int32"], [base + "_acc"], to=onnx.TensorProto.FLOAT,
                                        name=n.name + "_Cast"),
                 helper.make_node("Mul", [base + "_acc", base + "_rescale"], [base if not has_bias else base + "_scaled"],
