@@ -427,6 +427,7 @@ def session(model: bytes | str | Path, threads: int = 1, optimized_path: str | P
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only (saving an NCHWc-optimized graph warns it is machine specific)
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
     src = model if isinstance(model, bytes) else str(model)
