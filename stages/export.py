@@ -31,6 +31,9 @@ def main(cell: str) -> None:
     spec = InputSpec.from_dict(meta["input_spec"])
     out = Path("models/export") / f"{cell}.onnx"
     data, records = to_onnx(gm, (1, *spec.shape), ckpt.get("protocol", "zeroq"), out)
+    if any(r["weights_stored"].startswith("uint8") for r in records):
+        print(f"{cell}: 8-bit asymmetric weights have per-channel zero points, which no ONNX Runtime integer kernel "
+              "takes: those layers run as float convs (exact); quantize.weight_scheme: symmetric exports int8")
     threads = int(os.environ.get("DFQ_THREADS", "0") or 0) or 1
     report = integer_report(optimized_ops(data, threads))
     print(f"{cell}: {out} ({len(data) / 1e6:.2f} MB); integer ops {report['integer_ops']}, float ops {report['float_ops']}")
