@@ -213,3 +213,13 @@ def test_dataset_and_weights_class_counts_are_named(tmp_path):
 def test_repeated_sources_are_rejected():
     with pytest.raises(ParamsError, match="generate.sources: 'dsg' repeated: list each source once"):
         validate(with_change("generate.sources", ["dsg", "zeroq", "dsg"]))
+
+
+def test_export_cells_are_named_cells():
+    assert validate(GOOD).export.cells == ["gaussian-s0-w8a8", "zeroq-s0-w8a8", "dsg-s0-w8a8", "real-s0-w8a8"]
+    assert validate(with_change("export.cells", [])).export.cells == []
+    assert validate(with_change("export", DELETE)).export.cells == []  # profiles without the group export nothing
+    with pytest.raises(ParamsError, match=r"export.cells: cell 'zeroq-w8a8' is not <source>-s<seed>-w<B>a<B>"):
+        validate(with_change("export.cells", ["zeroq-w8a8"]))
+    with pytest.raises(ParamsError, match="export.batch_size"):
+        validate(with_change("export.batch_size", 0))
