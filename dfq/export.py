@@ -172,7 +172,8 @@ def activation_map(gm: nn.Module) -> list[dict]:
             s, z, qmax = float(fq.scale), int(fq.zero_point), 2**fq.bits - 1
             rows.append({"quantizer": _qualified(prefixes[id(g)], node.target), "bits": fq.bits,
                          "after": f"{what} ({_qualified(prefixes[id(g)], src.name)})",
-                         "read_by": ", ".join(_qualified(prefixes[id(g)], u.name) for u in node.users),
+                         "read_by": ", ".join(_qualified(prefixes[id(g)], u.target if u.op == "call_module" else u.name)
+                                              for u in node.users),
                          "scale": s, "zero_point": z, "range": f"[{-z * s:.4g}, {(qmax - z) * s:.4g}]",
                          "onnx": "uint8 QuantizeLinear/DequantizeLinear" + ("" if fq.bits == 8 else f" + uint8 Clip [0, {qmax}]")})
     return rows
