@@ -32,7 +32,11 @@ repro: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
 
+# Opens on the runs table of track.experiment (MLflow 3's UI would open its GenAI overview).
 ui:
+	@python -c "from dfq.tracking import runs_page_url; import yaml; \
+	e = yaml.safe_load(open('params.yaml'))['track']['experiment']; \
+	print('MLflow UI: open', runs_page_url('sqlite:///$(abspath mlflow.db)', e))"
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1
 
 # Run the pipeline under a params profile as a DVC experiment (profiles/*.yaml), e.g.

@@ -130,10 +130,10 @@ def compare(uri: str, experiment: str, metric: str = "top1", by=("source", "bits
 
 
 def compare_markdown(table) -> str:
-    """A ``compare`` table as markdown: one cell per experiment, mean ± std (n seeds)."""
+    """A ``compare`` table as markdown: one column per experiment (sorted by name), mean ± std (n seeds)."""
     import pandas as pd
 
-    exps = list(dict.fromkeys(table["mean"].columns))
+    exps = sorted(set(table["mean"].columns), key=str)
     names = list(table.index.names)
     lines = ["| " + " | ".join(names + exps) + " |", "|" + "---|" * (len(names) + len(exps))]
     for key, row in table.iterrows():
@@ -144,3 +144,16 @@ def compare_markdown(table) -> str:
             cells.append("" if pd.isna(m) else f"{m:.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}") + f" ({int(n)})")
         lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def runs_page_url(uri: str, experiment: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI address of ``experiment``'s runs table. MLflow 3.17's UI keeps a global "GenAI" /
+    "Model training" switch (browser storage, GenAI by default) that decides what an experiment page
+    shows; checked in headless Chromium, the experimentKind tag alone still opened the GenAI overview,
+    the ``workflowType=machine_learning`` query parameter opens the runs table."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    where = f"experiments/{exp.experiment_id}" if exp else "experiments"
+    return f"{base}/#/{where}?workflowType=machine_learning"

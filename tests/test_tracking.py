@@ -63,3 +63,32 @@ def test_default_uri_is_absolute_sqlite(tmp_path, monkeypatch):
     assert default_tracking_uri(".") == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri(".") == "http://127.0.0.1:5000"
+
+
+def test_compare_across_experiments_and_the_experiment_kind(tmp_path):
+    """stages.compare's table: mean, std and count over the per-seed runs of each DVC experiment; aggregate
+    runs left out; a cell logged twice counts once (the latest)."""
+    from dfq.tracking import compare, compare_markdown, runs_page_url
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kw = dict(uri=uri, experiment="t", artifact_location=(tmp_path / "art").as_uri())
+    values = {("a", 0): 70.0, ("a", 1): 72.0, ("a", 2): 74.0, ("b", 0): 75.0, ("b", 1): 77.0}
+
+    def cell(exp, seed, top1, extra=None):
+        tags = {"dvc_exp_name": exp, "source": "dsg", "bits": "w4a4", "seed": str(seed), **(extra or {})}
+        return Cell(run_name=f"{exp}-{seed}", params={"seed": seed, "exp": exp, "v": top1}, metrics={"top1": top1},
+                    tags=tags)
+
+    log_cells([cell(e, k, v) for (e, k), v in values.items()], **kw)
+    log_cells([cell("a", "mean", 99.0, {"aggregate": "true"}), cell("b", 1, 79.0)], **kw)  # b-1 logged again
+    table = compare(uri, "t", "top1")
+    assert table[("mean", "a")].iloc[0] == pytest.approx(72.0) and table[("std", "a")].iloc[0] == pytest.approx(2.0)
+    assert table[("count", "a")].iloc[0] == 3
+    assert table[("mean", "b")].iloc[0] == pytest.approx(77.0) and table[("count", "b")].iloc[0] == 2
+    md = compare_markdown(table)
+    assert "| dsg | w4a4 | 72.00 ± 2.00 (3) | 77.00 ± 2.83 (2) |" in md
+    with pytest.raises(TrackingError, match="no run .* has a metric 'top9'"):
+        compare(uri, "t", "top9")
+    exp = mlflow.tracking.MlflowClient(uri).get_experiment_by_name("t")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert runs_page_url(uri, "t").endswith(f"/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
