@@ -7,6 +7,7 @@ the common CIFAR ResNets do) and the stem uses an ``nn.ReLU`` module, so the qua
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable
 
 import torch
@@ -195,13 +196,22 @@ def output_classes(model: nn.Module, spec: dict) -> int:
         return int(model.eval()(torch.zeros(1, *spec["shape"])).shape[1])
 
 
+_EXECUTED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def executed_modules(model: nn.Module, leaves: Iterable[str] = ()) -> set[str] | None:
     """Qualified names of the modules an eval-mode forward pass calls, found by tracing the model with
     torch.fx (torch.nn layers and the modules named in ``leaves`` are called whole, others traced into).
     A registered module that eval mode never runs (Inception3's AuxLogits) is absent. None when torch.fx
-    cannot trace the model (data-dependent control flow): callers then take every module as run."""
+    cannot trace the model (data-dependent control flow): callers then take every module as run.
+    Cached per model while its modules stay the same (generation builds BN hooks for every batch, and
+    tracing Inception3 takes about a second)."""
     from torch import fx
 
+    key = (tuple(leaves), tuple(id(m) for m in model.modules()))
+    hit = _EXECUTED.get(model)
+    if hit is not None and hit[0] == key:
+        return None if hit[1] is None else set(hit[1])
     leaf_ids = {id(model.get_submodule(n)) for n in leaves}
 
     class Tracer(fx.Tracer):
@@ -213,11 +223,13 @@ def executed_modules(model: nn.Module, leaves: Iterable[str] = ()) -> set[str] |
     try:
         graph = Tracer().trace(model)
     except Exception:  # any error of a user's forward under symbolic tracing: fall back to all modules
-        return None
+        graph = None
     finally:
         for m, training in modes:
             m.training = training
-    return {n.target for n in graph.nodes if n.op == "call_module"}
+    ran = None if graph is None else frozenset(n.target for n in graph.nodes if n.op == "call_module")
+    _EXECUTED[model] = (key, ran)
+    return None if ran is None else set(ran)
 
 
 def count_bn(model: nn.Module) -> int:

@@ -105,3 +105,19 @@ def test_inception_v3_prepare_calibrate_forward(protocol):
         out, ref = gm(x), model(x)
     assert out.shape == (4, 10)
     assert ((out - ref).norm() / ref.norm()).item() < 0.1  # W8A8 stays close to FP32
+
+
+def test_executed_modules_is_traced_once_per_model(monkeypatch):
+    from torch import fx
+
+    from dfq.models import executed_modules
+
+    model = build_model("inception_v3", 10)
+    calls = []
+    real = fx.Tracer.trace
+    monkeypatch.setattr(fx.Tracer, "trace", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    first = executed_modules(model)
+    assert executed_modules(model) == first and "AuxLogits.conv0.conv" not in first and len(calls) == 1
+    assert executed_modules(model, ["Mixed_7c"]) != first and len(calls) == 2  # other leaves: traced again
+    model.AuxLogits = None  # the module tree changed: traced again
+    assert executed_modules(model) == first and len(calls) == 3
