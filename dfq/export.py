@@ -43,7 +43,7 @@ OPSET = 17
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
                "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
                "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere",
-               "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+               "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "NhwcMaxPool"}
 # ops that only move or pick integers (ORT runs them on the uint8 tensor after its QDQ fusions)
 DATA_MOVEMENT_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad",
                      "Concat", "Gather", "Identity", "Resize", "Split", "Clip", "Relu"}
@@ -302,6 +302,36 @@ def _qdq_rewrite(model) -> dict[str, str]:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     inits |= {i.name for i in new_inits}
+    # 2b. MaxPool -> Q [-> Clip] -> DQ with a float MaxPool input: the same quantizer copied before the
+    #     MaxPool (exact: max commutes with a monotone quantizer), so the pool runs on uint8 and the conv
+    #     before it fuses into QLinearConv (ResNet stems: conv -> ReLU -> MaxPool -> quantizer)
+    for n in list(g.node):
+        if n.op_type != "MaxPool" or len(consumers.get(n.output[0], [])) != 1:
+            continue
+        q = consumers[n.output[0]][0]
+        src = producer.get(n.input[0])
+        if q.op_type != "QuantizeLinear" or (src is not None and src.op_type == "DequantizeLinear"):
+            continue
+        chain = [q]
+        while len(consumers.get(chain[-1].output[0], [])) == 1 and consumers[chain[-1].output[0]][0].op_type == "Clip":
+            chain.append(consumers[chain[-1].output[0]][0])
+        if not any(c.op_type == "DequantizeLinear" for c in consumers.get(chain[-1].output[0], [])):
+            continue
+        dq = next(c for c in consumers[chain[-1].output[0]] if c.op_type == "DequantizeLinear")
+        prev = n.input[0]
+        for k, node in enumerate(chain + [dq]):
+            out = f"{n.output[0]}_pre_{k}"
+            new_nodes.append(helper.make_node(node.op_type, [prev, *node.input[1:]], [out], name=f"{n.name}_pre_{k}",
+                                              **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+            prev = out
+        n.input[0] = prev
+    g.node.extend(new_nodes)
+    new_nodes = []
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     # 3. a conv reading a quantized input with int8 weights: if only QuantizeLinear reads its output,
     #    ONNX Runtime fuses it into QLinearConv (bias as int32 at s_x * s_w); if a float op reads it (a
     #    residual add, an unfolded BN), ConvInteger on the integers, then the float rescale s_x * s_w
@@ -506,6 +536,8 @@ def quant_map(records: list[dict], acts: list[dict], report: dict, title: str) -
              "- ConvInteger accumulates in int32; its output is rescaled (x s_x s_w per channel) and its bias "
              "added in float, because a float op (a residual Add, a BatchNormalization) reads it, as in the "
              "fake-quant model.",
+             "- QLinearConv/QGemm biases are int32 at s_x s_w (QLinearConv's contract): rounded by at most "
+             "s_x s_w / 2, the one place where the integer model differs from the fake-quant one.",
              f"- Layers whose input is not quantized (float conv/linear): {', '.join(unquantized) or 'none'}.",
              "- Tensors that no quantizer reads stay FP32 exactly as in the fake-quant model: residual sums "
              "before their ReLU/quantizer, pooled features where no quantizer follows the pooling, the logits.",

@@ -125,3 +125,28 @@ def test_quant_map_lists_every_layer_and_quantizer(narrow_resnet):
     inputs = {r["layer"]: r["input"] for r in records}
     assert inputs["layers.1.conv1"] == inputs["layers.1.shortcut.0"] == "layers.0.act_fq_2"
     assert inputs["layers.0.conv2"] == "layers.0.act_fq_1" and inputs["stem.0"] == "FP32"
+
+
+def test_maxpool_runs_on_uint8_and_the_stem_conv_fuses(tmp_path):
+    """ResNet stem conv -> ReLU -> MaxPool -> quantizer (brecq): the quantizer is copied before the MaxPool
+    (max commutes with a monotone quantizer), so the stem conv fuses into QLinearConv and the pool reads
+    uint8; the logits stay those of the graph without the copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 5, bias=False)).eval()
+    for bits in (8, 4):
+        gm, x = _calibrated(model, bits, bits, "brecq")
+        data, records = to_onnx(gm, (1, 1, 16, 16), "brecq")
+        ort_out, ref = _logits(gm, data, 2 * x)
+        assert (ort_out - ref).abs().max() < 1e-4
+        assert {r["layer"]: r["kernel"] for r in records}["0"] == "QLinearConv"
+        assert integer_report(optimized_ops(data))["float_convs"] == 0
+        session(data, 1, tmp_path / "optimized.onnx")
+        graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+        producer = {o: n for n in graph.node for o in n.output}
+        pool = next(n for n in graph.node if n.op_type.endswith("MaxPool"))
+        src = producer[pool.input[0]]
+        while src.op_type in ("Transpose", "Clip"):  # layout change, the 4-bit grid's integer Clip
+            src = producer[src.input[0]]
+        assert src.op_type == "QLinearConv"  # the pool reads the conv's uint8 output
