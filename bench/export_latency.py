@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import statistics
 import time
@@ -63,13 +64,14 @@ def mean_seconds(fn, iters: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=0, help="calls per timing (default: 20 at batch 1, 2 at batch 64)")
+    ap.add_argument("--iters", type=int, default=0, help="calls per timing (default: 20 at batch 1, 1 at batch 64)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op and torch threads")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--protocol", default="brecq", choices=["zeroq", "brecq"])
     ap.add_argument("--out", default="reports/bench-export.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     rows, sizes = [], []
     for name, model, shape in models():
         torch.manual_seed(0)
@@ -83,7 +85,7 @@ def main() -> None:
         s_int8, s_fp32 = session(int8, args.threads), session(fp32, args.threads)
         for b in args.batches:
             x = torch.randn(b, *shape)
-            iters = args.iters or (20 if b == 1 else 2)
+            iters = args.iters or (20 if b == 1 else 1)
             engines = {"ort_int8": lambda: run(s_int8, x), "ort_fp32": lambda: run(s_fp32, x),
                        "torch_fp32": lambda: model(x)}
             with torch.inference_mode():
@@ -104,6 +106,8 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, {args.threads} thread(s), ONNX Runtime CPU provider, "
              "all graph optimizations. W8A8, symmetric per-channel weights, per-tensor uint8 activations; "
              f"milliseconds per batch, medians of {args.rounds} paired rounds; ratios are medians of per-round ratios.",
+             f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+             f"({os.cpu_count()} cores).",
              "", "| model | batch | ORT INT8 ms | ORT FP32 ms | PyTorch FP32 ms | INT8 / ORT FP32 | INT8 / PyTorch |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {b} | {a:.2f} | {f:.2f} | {t:.2f} | {r1:.2f} | {r2:.2f} |" for n, b, a, f, t, r1, r2 in rows]
