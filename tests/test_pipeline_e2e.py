@@ -52,7 +52,7 @@ def repo(tmp_path_factory):
             shutil.copy2(ROOT / f, repo / f)
     tiny = {"data.num_images": 8, "data.real_pool": 64, "train.epochs": 1, "train.max_images": 2000,
             "generate.sources": ["zeroq", "real"], "generate.batch_size": 8, "generate.zeroq.iterations": 5,
-            "quantize.bits": ["w8a8", "w2a2"], "evaluate.batch_size": 2000}
+            "quantize.bits": ["w8a8", "w2a2"], "evaluate.batch_size": 2000, "export.cells": ["zeroq-s0-w8a8"]}
     for k, v in tiny.items():
         set_param(repo, k, v)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -91,7 +91,11 @@ CELLS = [f"{s}-{k}-{b}" for s in ("zeroq", "real") for k in (0,) for b in ("w8a8
 def test_repro_metrics_tracking_and_granularity(repo, env):
     out = sh(["dvc", "repro"], repo, env)
     assert ran(out) == {"data", "fp32", "generate@zeroq-0", "generate@real-0", "diversity@zeroq-0", "diversity@real-0",
-                        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS), "report", "track"}
+                        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS), "export@zeroq-s0-w8a8",
+                        "report", "track"}
+    exported = json.loads((repo / "metrics/export/zeroq-s0-w8a8.json").read_text())
+    assert (repo / "models/export/zeroq-s0-w8a8.onnx").is_file()
+    assert abs(exported["onnx_top1"] - exported["fakequant_top1"]) <= 0.2, exported
     fp32 = json.loads((repo / "metrics/fp32.json").read_text())
     assert set(fp32) == {"top1", "top5"} and 30 < fp32["top1"] <= 100
     cells = {}
@@ -171,7 +175,7 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     set_param(repo, "generate.seeds", [0])
     set_param(repo, "quantize.act_method", "percentile")
     assert ran(sh(["dvc", "repro"], repo, env)) == {*(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS),
-                                                    "report", "track"}
+                                                    "export@zeroq-s0-w8a8", "report", "track"}
     assert json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())["act_method"] == "percentile"
 
     # reconstruction reads the cached synthetic tensors: switching protocol and rounding never regenerates
@@ -181,7 +185,7 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     set_param(repo, "quantize.rounding", "qdrop")
     set_param(repo, "quantize.reconstruction.iterations", 3)
     out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == {"calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8", "report", "track"}
+    assert ran(out) == {"calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8", "export@zeroq-s0-w8a8", "report", "track"}
     assert "qdrop reconstruction on 8 images" in out
     cell = json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())
     assert cell["protocol"] == "brecq" and cell["rounding"] == "qdrop"
@@ -202,7 +206,7 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     # a zeroq param reruns zeroq's generation and what follows, not data or fp32
     set_param(repo, "generate.zeroq.iterations", 6)
     assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq-0", "diversity@zeroq-0", "calibrate@zeroq-0-w8a8",
-                                                     "evaluate@zeroq-0-w8a8", "report", "track"}
+                                                     "evaluate@zeroq-0-w8a8", "export@zeroq-s0-w8a8", "report", "track"}
 
 
 def torch_load(path):
@@ -239,7 +243,7 @@ def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
     before = len(mlflow_runs(repo))
     sh(["mlflow", "db", "upgrade", f"sqlite:///{repo / 'mlflow.db'}"], repo, env)  # create before workers
     sh(["dvc", "exp", "run", "--queue", "-S", "generate.dsg.eps=0.5,0.9", "-S", "generate.sources=[dsg]",
-        "-S", "generate.seeds=[0]", "-S", "generate.dsg.iterations=5"], repo, env)
+        "-S", "generate.seeds=[0]", "-S", "generate.dsg.iterations=5", "-S", "export.cells=[]"], repo, env)
     sh(["dvc", "queue", "start", "-j", "2"], repo, env)
     deadline = time.time() + 600
     while time.time() < deadline:
