@@ -50,12 +50,12 @@ def workdir(tmp_path):
 
 def run(workdir, procs=1, **kw):
     env = {**os.environ, "DFQ_THREADS": "1", "DFQ_GEN_PROCS": str(procs), "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "stages.generate", "zeroq"], cwd=workdir, env=env,
+    return subprocess.Popen([sys.executable, "-m", "stages.generate", "zeroq", "0"], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def batches(workdir):
-    return {p.name: p.read_bytes() for p in sorted((workdir / "data/calib/zeroq").glob("batch_*.pt"))}
+    return {p.name: p.read_bytes() for p in sorted((workdir / "data/calib/zeroq-s0").glob("batch_*.pt"))}
 
 
 def test_two_processes_give_byte_identical_data_and_resume_after_kill(workdir):
@@ -80,7 +80,7 @@ def test_two_processes_give_byte_identical_data_and_resume_after_kill(workdir):
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert not (workdir / "data/calib/zeroq").exists()
+    assert not (workdir / "data/calib/zeroq-s0").exists()
     kept = len(list(scratch.glob("*/info_*.json")))
     assert 1 <= kept < 4
     p = run(workdir)
