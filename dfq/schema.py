@@ -20,6 +20,13 @@ from dfq.quantizers import parse_bits
 PosInt = Field(gt=0)
 
 
+def one_of(value: str, allowed, what: str) -> str:
+    """``value`` when it is one of ``allowed``, else a ValueError naming ``what`` and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
@@ -79,9 +86,7 @@ class Optim(Strict):
     @field_validator("init")
     @classmethod
     def known_init(cls, v: str) -> str:
-        if v not in INITS:
-            raise ValueError(f"unknown init {v!r}; allowed: {', '.join(INITS)}")
-        return v
+        return one_of(v, INITS, "init")
 
 
 class DSG(Optim):
@@ -101,9 +106,7 @@ class DSG(Optim):
     @field_validator("margin_probe")
     @classmethod
     def known_probe(cls, v: str) -> str:
-        if v not in PROBES:
-            raise ValueError(f"unknown margin_probe {v!r}; allowed: {', '.join(PROBES)}")
-        return v
+        return one_of(v, PROBES, "margin_probe")
 
 
 class Plain(Strict):

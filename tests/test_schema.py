@@ -216,7 +216,8 @@ def test_repeated_sources_are_rejected():
 
 
 def test_export_cells_are_named_cells():
-    assert validate(GOOD).export.cells == ["gaussian-s0-w8a8", "zeroq-s0-w8a8", "dsg-s0-w8a8", "real-s0-w8a8"]
+    assert validate(GOOD).export.cells == ["gaussian-s0-w8a8", "zeroq-s0-w8a8", "dsg-s0-w8a8", "dsg_code-s0-w8a8",
+                                              "real-s0-w8a8"]
     assert validate(with_change("export.cells", [])).export.cells == []
     assert validate(with_change("export", DELETE)).export.cells == []  # profiles without the group export nothing
     with pytest.raises(ParamsError, match=r"export.cells: cell 'zeroq-w8a8' is not <source>-s<seed>-w<B>a<B>"):
