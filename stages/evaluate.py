@@ -10,7 +10,6 @@ def main(source: str, bits: str) -> None:
     setup_torch()
     from dfq.datasets import InputSpec, open_eval_dataset
     from dfq.evaluate import evaluate, make_loader
-    from dfq.generators import parse_set
     from dfq.io import load_torch, save_json
     from dfq.models import load_checkpoint
     from dfq.quantize import load_quantized
@@ -21,8 +20,8 @@ def main(source: str, bits: str) -> None:
     spec = InputSpec.from_dict(meta["input_spec"])
     loader = make_loader(open_eval_dataset("data/prepared/eval", spec), p["batch_size"], workers())
     m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
-    name, seed = parse_set(source)
-    save_json({"top1": m["top1"], "top5": m["top5"], "source": name, "seed": seed, "bits": bits,
+    name, _, seed = source.rpartition("-s")  # the calibration set <source>-s<seed>
+    save_json({"top1": m["top1"], "top5": m["top5"], "source": name, "seed": int(seed), "bits": bits,
                **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "weight_range", "act_method")
                   if k in ckpt}},
               Path("metrics/eval") / f"{source}-{bits}.json")
