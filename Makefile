@@ -47,15 +47,15 @@ exp: setup
 ablation: setup
 	python -m stages.profile ablation
 
-# Reconstruction study (CIFAR-10 ResNet-20, W4A4, zeroq/dsg/real data): one queued experiment per
-# rounding, run one at a time; the first generates the synthetic data, the others restore it from
-# DVC's run-cache. Follow with `dvc queue status`, then `dvc exp show --md`.
-ROUNDINGS ?= nearest adaround brecq qdrop
+# Reconstruction study (CIFAR-10 ResNet-20, W4A4 and W3A3, zeroq/dsg_code/real data, seeds 0 and 1): one
+# queued experiment per rounding, run one at a time; the first generates the synthetic data, the others
+# restore it from DVC's run-cache. Follow with `dvc queue status`, then `dvc exp show --md`.
+ROUNDINGS ?= nearest qdrop adaround brecq
 recon: setup
 	mlflow db upgrade sqlite:///$(abspath mlflow.db)
 	for r in $(ROUNDINGS); do python -m stages.profile cifar10-resnet20-recon --queue -n recon-$$r \
 	  -S quantize.rounding=$$r || exit 1; done
-	dvc queue start -j 1
+	DFQ_THREADS=1 dvc queue start -j 1
 
 # DSG study (issue: DSG that beats ZeroQ, with error bars), one queued DVC experiment each, run one at a
 # time (generation is restored from the run-cache after the first): shared CIFAR-10 ResNet-20, 3 seeds,
@@ -64,7 +64,7 @@ recon: setup
 # 40-image budget; then the default model. DFQ_THREADS=1 keeps a shared 2-core machine from thrashing.
 # Then: python -m stages.compare --metric top1 --filter "tags.bits = 'w4a4'"
 W4 := -S 'quantize.bits=["w4a4"]'
-DEFAULT_STUDY := -S 'generate.seeds=[0,1,2]' -S 'generate.sources=["gaussian","zeroq","real","dsg","dsg_code"]' \
+DEFAULT_STUDY := -S 'export.cells=[]' -S 'generate.seeds=[0,1,2]' -S 'generate.sources=["gaussian","zeroq","real","dsg","dsg_code"]' \
   -S 'quantize.bits=["w6a6","w4a4"]'
 dsg-study: setup
 	mlflow db upgrade sqlite:///$(abspath mlflow.db)
@@ -84,7 +84,7 @@ dsg-study: setup
 
 # A parameter sweep as queued DVC experiments, two at a time; every run lands in the same MLflow DB
 # (created first: several workers creating a fresh SQLite DB at once would race).
-SWEEP ?= -S 'generate.dsg.eps=0.5,0.8,0.9' -S 'quantize.bits=[w4a4],[w6a6]'
+SWEEP ?= -S 'generate.dsg.eps=0.5,0.8,0.9' -S 'quantize.bits=[w4a4],[w6a6]' -S 'export.cells=[]'
 sweep: setup
 	mlflow db upgrade sqlite:///$(abspath mlflow.db)
 	dvc exp run --queue $(SWEEP)

@@ -233,6 +233,17 @@ class Params(Strict):
     track: Track
     export: Export = Export()
 
+    @model_validator(mode="after")
+    def export_cells_are_calibrated(self):
+        cells = {f"{s}-s{k}-{b}" for s in self.generate.sources for k in self.generate.seeds
+                 for b in self.quantize.bits}
+        missing = [c for c in self.export.cells if c not in cells]
+        if missing:
+            raise ValueError(f"export.cells: {', '.join(map(repr, missing))} not calibrated by this pipeline "
+                             "(cells are <source>-s<seed>-<bits> from generate.sources x generate.seeds x "
+                             "quantize.bits); list calibrated cells or use export.cells: []")
+        return self
+
 
 class ParamsError(ValueError):
     pass
@@ -244,10 +255,10 @@ def _format(exc: ValidationError, prefix: str = "") -> str:
         loc = prefix + ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"].removeprefix("Value error, ")
         got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
-        if loc and msg.startswith(loc + "."):  # a nested group's message already names its key
+        if not loc or msg.startswith(loc + "."):  # a cross-group or nested group's message names its key
             msgs.append(msg)
         else:
-            msgs.append(f"{loc or '<root>'}: {msg}{got}")
+            msgs.append(f"{loc}: {msg}{got}")
     return "; ".join(msgs)
 
 

@@ -171,6 +171,7 @@ def test_model_without_bn_for_bn_sources():
     with pytest.raises(ParamsError, match="has no BatchNorm layers.*gaussian or real"):
         check_model(validate(p))
     p["generate"]["sources"] = ["gaussian", "real"]
+    p["export"]["cells"] = ["real-s0-w8a8"]
     check_model(validate(p))
 
 
@@ -224,3 +225,24 @@ def test_export_cells_are_named_cells():
         validate(with_change("export.cells", ["zeroq-w8a8"]))
     with pytest.raises(ParamsError, match="export.batch_size"):
         validate(with_change("export.batch_size", 0))
+
+
+@pytest.mark.parametrize("cell", ["zeroq-s1-w8a8", "zeroq-s0-w3a3", "noise-s0-w8a8"])
+def test_export_cells_must_be_calibrated_cells(cell):
+    """A profile that drops w8a8 (or a seed, or a source) must also drop its export cells, or DVC would stop
+    on a missing model file."""
+    with pytest.raises(ParamsError, match=rf"export.cells: '{cell}' not calibrated by this pipeline"):
+        validate(with_change("export.cells", ["zeroq-s0-w8a8", cell]))
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml")))
+def test_every_profile_is_valid(profile):
+    """`make exp PROFILE=...` applies a profile's dotted keys over params.yaml: the result must validate."""
+    p = copy.deepcopy(GOOD)
+    for key, value in (yaml.safe_load((ROOT / "profiles" / f"{profile}.yaml").read_text()) or {}).items():
+        node = p
+        *path, last = key.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    validate(p)
