@@ -25,7 +25,7 @@ class Cell:
     params: dict
     metrics: dict
     tags: dict
-    artifacts: list[str] = field(default_factory=list)
+    artifacts: list[str | tuple[str, str]] = field(default_factory=list)  # path (under reports/) or (path, dir)
     inputs: dict = field(default_factory=dict)
 
     def input_hash(self) -> str:
@@ -50,6 +50,18 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def export_run_extras(cell: str, export_dir="metrics/export", map_dir="reports/quant_map", max_mb: float = 100.0):
+    """What an exported cell adds to its run: ONNX Runtime metrics, tags naming the DVC-tracked ONNX file,
+    and artifacts (the quantization map; the ONNX model itself under model/ when at most ``max_mb``)."""
+    r = json.loads((Path(export_dir) / f"{cell}.json").read_text())
+    metrics = {"onnx_top1": r["onnx_top1"], "onnx_top5": r["onnx_top5"], "onnx_top1_diff": r["top1_diff"],
+               "ort_ms_per_image": r["ms_per_image"], "onnx_mb": r["onnx_bytes"] / 1e6,
+               "integer_convs": r["integer_convs"], "float_convs": r["float_convs"]}
+    small = Path(r["onnx_path"]).is_file() and Path(r["onnx_path"]).stat().st_size <= max_mb * 1e6
+    artifacts = [str(Path(map_dir) / f"{cell}.md"), *([(r["onnx_path"], "model")] if small else [])]
+    return metrics, {"onnx_dvc_path": r["onnx_path"]}, artifacts
 
 
 class TrackingError(RuntimeError):
@@ -91,8 +103,9 @@ def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location
             mlflow.log_metrics(cell.metrics)
             mlflow.set_tags({**cell.tags, HASH_TAG: h})
             for a in cell.artifacts:
-                if Path(a).exists():
-                    mlflow.log_artifact(a, artifact_path="reports")
+                path, where = (a, "reports") if isinstance(a, str) else a
+                if Path(path).exists():
+                    mlflow.log_artifact(path, artifact_path=where)
         logged += 1
     return {"logged": logged, "skipped": skipped}
 

@@ -1,6 +1,6 @@
 """Stage track (no outputs, so DVC never skips it through its run-cache): one MLflow run per
-(source, seed, bits) cell, tagged with its seed, plus one aggregate run per (source, bits) with the
-mean and std over seeds."""
+(source, seed, bits) cell, tagged with its seed (an exported cell adds its ONNX Runtime metrics, its quant
+map and its ONNX model), plus one aggregate run per (source, bits) with the mean and std over seeds."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from stages._common import load_params
+from stages._common import load_params, read_params
 
 ARTIFACTS = ["reports/results.md", "reports/accuracy_vs_bits.png", "reports/bn_spread.png", "reports/samples.png"]
 
@@ -33,12 +33,13 @@ def main() -> None:
               "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
               "fp32_model_md5": lock_md5(lock, "fp32", "models/fp32.pt")}
     base = {"fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"]}
-    runs = []
+    runs, exported = [], set((read_params().get("export") or {}).get("cells", []))
     for m in cells.to_dict("records"):
         s, k, b = m["source"], m["seed"], m["bits"]
         name = f"{s}-s{k}"
         div = json.loads((Path("metrics/diversity") / f"{name}.json").read_text())
         data_md5 = lock_md5(lock, f"generate@{s}-{k}", f"data/calib/{name}")
+        ex_m, ex_t, ex_a = tracking.export_run_extras(f"{name}-{b}") if f"{name}-{b}" in exported else ({}, {}, [])
         params = {"source": s, "seed": k, "bits": b, "data": data_p, "model": model_p,
                   "train": {} if model_p.get("weights") else train_p,
                   "generate": {"batch_size": gen_p["batch_size"], s: gen_p[s]},
@@ -48,9 +49,9 @@ def main() -> None:
             metrics={**base, "top1": m["top1"], "top5": m["top5"], "top1_drop": fp32["top1"] - m["top1"],
                      "bn_spread_mean": div["bn_spread_mean"], "feature_cosine": div["feature_cosine"],
                      **({"calibration_seconds": m["calibration_seconds"]} if m["calibration_seconds"] else {}),
-                     **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}},
-            tags={**common, "source": s, "seed": str(k), "bits": b, "synthetic_data_md5": data_md5},
-            artifacts=ARTIFACTS,
+                     **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}, **ex_m},
+            tags={**common, "source": s, "seed": str(k), "bits": b, "synthetic_data_md5": data_md5, **ex_t},
+            artifacts=ARTIFACTS + ex_a,
             inputs={"data_md5": data_md5, "quant_md5": lock_md5(lock, f"calibrate@{s}-{k}-{b}",
                                                                  f"models/quant/{name}-{b}.pt")}))
     for a in report.aggregate(cells).to_dict("records"):

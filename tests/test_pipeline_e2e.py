@@ -47,7 +47,8 @@ def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("clone")
     files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT).split("\n")
     for f in files:
-        if f and f != "dvc.lock" and not f.startswith(("metrics/", "reports/")) and (ROOT / f).is_file():
+        keep = not f.startswith(("metrics/", "reports/")) or f.endswith(".gitkeep")  # folders the track stage reads
+        if f and f != "dvc.lock" and keep and (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
     tiny = {"data.num_images": 8, "data.real_pool": 64, "train.epochs": 1, "train.max_images": 2000,
@@ -69,10 +70,14 @@ def env():
     return e
 
 
-def mlflow_runs(repo):
+def mlflow_client(repo):
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.tracking.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def mlflow_runs(repo):
+    client = mlflow_client(repo)
     exp = client.get_experiment_by_name("dfq")
     return client.search_runs([exp.experiment_id]) if exp else []
 
@@ -96,6 +101,9 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     exported = json.loads((repo / "metrics/export/zeroq-s0-w8a8.json").read_text())
     assert (repo / "models/export/zeroq-s0-w8a8.onnx").is_file()
     assert abs(exported["onnx_top1"] - exported["fakequant_top1"]) <= 0.2, exported
+    # symmetric int8 weights (the default): every conv but the stem (it reads the FP32 image) runs integer
+    assert exported["weight_scheme"] == "symmetric" and exported["integer_convs"] == 8, exported
+    assert exported["float_convs"] == 1, exported
     fp32 = json.loads((repo / "metrics/fp32.json").read_text())
     assert set(fp32) == {"top1", "top5"} and 30 < fp32["top1"] <= 100
     cells = {}
@@ -135,6 +143,14 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert tags["git_commit"] == sh(["git", "rev-parse", "HEAD"], repo).strip()
     for (s, b), c in cells.items():
         assert per_seed[f"{s}-{b}"].data.metrics["top1"] == pytest.approx(c["top1"])
+    # the exported cell's run carries its ONNX Runtime metrics, its quant map and the ONNX model itself
+    ex = per_seed["zeroq-w8a8"]
+    assert ex.data.metrics["onnx_top1"] == pytest.approx(exported["onnx_top1"])
+    assert ex.data.metrics["integer_convs"] == 8 and ex.data.tags["onnx_dvc_path"] == "models/export/zeroq-s0-w8a8.onnx"
+    client = mlflow_client(repo)
+    assert [f.path for f in client.list_artifacts(ex.info.run_id, "model")] == ["model/zeroq-s0-w8a8.onnx"]
+    assert "reports/zeroq-s0-w8a8.md" in [f.path for f in client.list_artifacts(ex.info.run_id, "reports")]
+    assert "onnx_top1" not in per_seed["real-w8a8"].data.metrics  # not exported
     agg = [r for r in runs if r.data.tags.get("aggregate") == "true"]
     assert len(agg) == 4 and all(r.data.metrics["seeds"] == 1 for r in agg)
     import mlflow

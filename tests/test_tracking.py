@@ -92,3 +92,22 @@ def test_compare_across_experiments_and_the_experiment_kind(tmp_path):
     exp = mlflow.tracking.MlflowClient(uri).get_experiment_by_name("t")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert runs_page_url(uri, "t").endswith(f"/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
+
+
+def test_artifacts_land_under_their_folder(tmp_path):
+    """A plain path goes under reports/, a (path, folder) pair under its folder (the exported ONNX model
+    under model/); a path that does not exist is skipped."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "results.md").write_text("| a |\n")
+    (tmp_path / "cell.onnx").write_bytes(b"onnx")
+    c = Cell(run_name="zeroq-s0-w8a8", params={"source": "zeroq"}, metrics={"top1": 90.0, "onnx_top1": 90.1},
+             tags={"source": "zeroq"},
+             artifacts=[str(tmp_path / "results.md"), (str(tmp_path / "cell.onnx"), "model"),
+                        (str(tmp_path / "missing.md"), "reports")])
+    log_cells([c], uri=uri, experiment="t", artifact_location=(tmp_path / "art").as_uri())
+    client = mlflow.tracking.MlflowClient(uri)
+    run_id = runs(uri)[0].info.run_id
+    assert [f.path for f in client.list_artifacts(run_id, "reports")] == ["reports/results.md"]
+    assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/cell.onnx"]
+    local = client.download_artifacts(run_id, "model/cell.onnx", str(tmp_path / "dl"))
+    assert open(local, "rb").read() == b"onnx"
