@@ -134,8 +134,13 @@ def _weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[], nn.Module],
-            protocol: str = "zeroq", weight_scheme: str = "asymmetric", weight_range: str = "minmax") -> fx.GraphModule:
-    """A traced copy of ``model`` with fake-quant weights and observing activation quantizers."""
+            protocol: str = "zeroq", weight_scheme: str = "asymmetric", weight_range: str = "minmax",
+            layer_bits: dict[str, int] | None = None) -> fx.GraphModule:
+    """A traced copy of ``model`` with fake-quant weights and observing activation quantizers.
+
+    ``layer_bits`` (mixed precision) gives some weight layers, by their name in the prepared model (see
+    ``layer_bits``), their own bit-width instead of ``wbits``; the layers the protocol fixes at 8 bits
+    (``gm.fixed_weight_layers``) cannot be given another."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"quantize.protocol={protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
     model = copy.deepcopy(model).eval()
@@ -159,6 +164,13 @@ def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[]
     if not order:
         raise NothingQuantizedError("nothing to quantize: the model has no Conv2d/Linear layers")
     edge = {order[0], order[-1]} if protocol == "brecq" else set()
+    layer_bits = dict(layer_bits or {})
+    unknown = sorted(set(layer_bits) - set(order))
+    if unknown:
+        raise ValueError(f"layer_bits names {unknown}, not weight layers of the model; they are: {order}")
+    fixed = sorted(n for n in edge if layer_bits.get(n, 8) != 8)
+    if fixed:
+        raise ValueError(f"layer_bits: {fixed} are fixed at 8 bits by the {protocol} protocol (first and last layer)")
     n_acts = 0
     for prefix, g in graphs:
         modules = dict(g.named_modules())
@@ -181,13 +193,15 @@ def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[]
     for name, mod in list(gm.named_modules()):
         if type(mod) in WEIGHT_TYPES:
             cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
-            _swap_module(gm, name, cls(mod, 8 if name in edge else wbits, weight_scheme, weight_range))
+            _swap_module(gm, name, cls(mod, 8 if name in edge else layer_bits.get(name, wbits), weight_scheme,
+                                       weight_range))
             n_weights += 1
     if n_acts == 0:
         raise NothingQuantizedError(
             f"nothing to quantize: found {n_weights} Conv2d/Linear layers and no activations to quantize "
             "(protocol zeroq quantizes activations after ReLU/ReLU6; protocol brecq the input of every conv/linear)"
         )
+    gm.fixed_weight_layers = sorted(edge)  # weight layers the protocol keeps at 8 bits (not allocatable)
     return gm
 
 
@@ -197,6 +211,21 @@ def act_quantizers(gm: nn.Module) -> list[ActFakeQuantize]:
 
 def weight_quantized_layers(gm: nn.Module) -> list[nn.Module]:
     return [m for m in gm.modules() if isinstance(m, QUANT_TYPES)]
+
+
+def layer_bits(gm: nn.Module) -> dict[str, int]:
+    """Weight bits of every fake-quant weight layer, by its name in the prepared model (execution order
+    within each graph is not guaranteed; module order is)."""
+    return {name: m.weight_bits for name, m in gm.named_modules() if isinstance(m, QUANT_TYPES)}
+
+
+def weight_size(gm: nn.Module) -> dict:
+    """Storage of the quantized weights: every Conv2d/Linear weight at its own bit-width (fixed 8-bit
+    layers included; biases, BatchNorm and per-channel scales left out). MB = 10^6 bytes."""
+    layers = weight_quantized_layers(gm)
+    total = sum(m.weight.numel() * m.weight_bits for m in layers)
+    params = sum(m.weight.numel() for m in layers)
+    return {"weight_mb": total / 8e6, "weight_params": params, "avg_weight_bits": total / max(params, 1)}
 
 
 def set_quant_state(gm: nn.Module, weights: bool, acts: bool) -> None:
@@ -237,12 +266,20 @@ def load_calibrated(gm: nn.Module, state: dict) -> nn.Module:
 
 def load_quantized(model: nn.Module, ckpt: dict) -> nn.Module:
     """The fake-quant model saved by the calibrate stage: prepared with the checkpoint's own bits,
-    protocol, weight scheme and weight range (older checkpoints: zeroq, asymmetric, minmax), then loaded."""
+    protocol, weight scheme and weight range (older checkpoints: zeroq, asymmetric, minmax), then loaded.
+    A mixed-precision checkpoint (bits ``mp<B>a<A>``) carries its per-layer weight bits (``layer_bits``)."""
     from dfq.observers import MinMaxObserver
-    from dfq.quantizers import parse_bits
+    from dfq.quantizers import is_mixed, parse_bits, parse_mixed
 
-    gm = prepare(model, *parse_bits(ckpt["bits"]), MinMaxObserver, ckpt.get("protocol", "zeroq"),
-                 ckpt.get("weight_scheme", "asymmetric"), ckpt.get("weight_range", "minmax"))
+    if is_mixed(ckpt["bits"]):
+        wbits, abits, per_layer = 8, parse_mixed(ckpt["bits"])[1], ckpt["layer_bits"]
+    else:
+        (wbits, abits), per_layer = parse_bits(ckpt["bits"]), None
+    gm = prepare(model, wbits, abits, MinMaxObserver, ckpt.get("protocol", "zeroq"),
+                 ckpt.get("weight_scheme", "asymmetric"), ckpt.get("weight_range", "minmax"), per_layer)
+    if per_layer is not None and set(per_layer) != set(layer_bits(gm)):
+        raise ValueError(f"the mixed-precision checkpoint names the weight layers {sorted(per_layer)}, "
+                         f"the model has {sorted(layer_bits(gm))}")
     return load_calibrated(gm, ckpt["state_dict"])
 
 

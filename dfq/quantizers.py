@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 BITS_PATTERN = re.compile(r"^w([2-8])a([2-8])$")
+# mixed precision: average weight bits B (an integer 2..8 or a decimal without trailing zeros, e.g. 3.5)
+MIXED_PATTERN = re.compile(r"^mp([2-8](?:\.[0-9]*[1-9])?)a([2-8])$")
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
@@ -28,6 +30,20 @@ def parse_bits(spec: str) -> tuple[int, int]:
     if not m:
         raise ValueError(f"bits={spec!r} is invalid; expected 'w<B>a<B>' with B in 2..8, e.g. w8a8, w4a4")
     return int(m.group(1)), int(m.group(2))
+
+
+def is_mixed(spec: str) -> bool:
+    return str(spec).startswith("mp")
+
+
+def parse_mixed(spec: str) -> tuple[float, int]:
+    """'mp4a4' -> (4.0, 4), 'mp3.5a8' -> (3.5, 8): the average weight bits over the allocatable layers
+    (at most 8) and the activation bits (2..8)."""
+    m = MIXED_PATTERN.match(str(spec))
+    if not m or float(m.group(1)) > 8:
+        raise ValueError(f"mixed cell {spec!r} is invalid; expected 'mp<B>a<A>': B the average weight bits in "
+                         "2..8 (e.g. 4 or 3.5, no trailing zeros), A the activation bits in 2..8, e.g. mp4a4, mp3.5a8")
+    return float(m.group(1)), int(m.group(2))
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +160,19 @@ class _WeightFakeQuant:
                 self._wq = fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, axis=0)
             self._wq_key = key
         return self._wq
+
+
+    def set_weight_bits(self, bits: int) -> None:
+        """Re-grid the weight at ``bits`` with the layer's own scheme and range rule (the grid a layer
+        prepared at ``bits`` would get)."""
+        if getattr(self, "adaround", None) is not None:
+            raise RuntimeError("cannot change the bits of a layer with a learned AdaRound rounding")
+        scale, zp = weight_qparams(self.weight, bits, self.weight_scheme, self.weight_range)
+        with torch.no_grad():
+            self.weight_scale.copy_(scale)
+            self.weight_zero_point.copy_(zp)
+        self.weight_bits = bits
+        self._wq_key = None
 
 
 class QuantConv2d(_WeightFakeQuant, nn.Conv2d):

@@ -26,7 +26,7 @@ def set_metrics(sources: list[str], seeds: list[int], bits: list[str], eval_dir=
     return pd.DataFrame(rows)
 
 
-def aggregate(cells: pd.DataFrame, metrics=("top1", "top5", "calibration_seconds")) -> pd.DataFrame:
+def aggregate(cells: pd.DataFrame, metrics=("top1", "top5", "calibration_seconds", "weight_mb")) -> pd.DataFrame:
     """Mean, sample std (ddof 1; NaN for one seed) and seed count of each metric per (source, bits),
     in the order the cells come in. Columns ``<metric>_mean``, ``<metric>_std``, ``seeds``."""
     metrics = [m for m in metrics if m in cells]
@@ -81,6 +81,78 @@ def calibration_table(cells: pd.DataFrame, agg: pd.DataFrame, sources: list[str]
         secs = [idx.loc[(s, b)].get("calibration_seconds_mean") if (s, b) in idx.index else None for b in bits]
         lines.append(f"| {s} | " + " | ".join("n/a" if t is None or pd.isna(t) else f"{t:.1f}" for t in secs) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def size_table(agg: pd.DataFrame, sources: list[str], bits: list[str]) -> str:
+    """Markdown: quantized weight size in MB (and average weight bits over every weight layer) per source
+    and cell, mean over seeds."""
+    idx = agg.set_index(["source", "bits"])
+    lines = ["| source | " + " | ".join(b.upper() for b in bits) + " |", "|" + "---|" * (1 + len(bits))]
+    for s in sources:
+        row = []
+        for b in bits:
+            mb = idx.loc[(s, b)].get("weight_mb_mean") if (s, b) in idx.index else None
+            row.append("n/a" if mb is None or pd.isna(mb) else f"{mb:.4f}")
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def allocation_markdown(alloc: dict) -> str:
+    """One mixed cell's allocation (``allocation`` of its metrics/calibrate JSON) as a markdown table."""
+    head = (f"Budget {alloc['budget_avg_bits']:g} average weight bits over {alloc['allocatable_params']} allocatable "
+            f"weights: {alloc['avg_bits']:.3f} reached, summed KL {alloc['kl_sum']:.4g}.\n\n")
+    lines = ["| layer | weights | bits | KL at these bits |", "|---|---|---|---|"]
+    for r in alloc["layers"]:
+        kl = "fixed by the protocol" if r["fixed"] else f"{r['kl']:.3g}"
+        lines.append(f"| {r['name']} | {r['params']} | {r['bits']} | {kl} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def allocations_table(allocs: dict[str, dict]) -> str:
+    """Markdown: bits per weight layer (rows) for each mixed cell (columns, e.g. ``zeroq-s0 MP4A4``); the
+    last row is the average reached over the allocatable layers. A layer fixed by the protocol is marked *."""
+    names = list(allocs)
+    first = next(iter(allocs.values()))
+    lines = ["| layer | weights | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+    for i, r in enumerate(first["layers"]):
+        bits = [f"{a['layers'][i]['bits']}{'*' if a['layers'][i]['fixed'] else ''}" for a in allocs.values()]
+        lines.append(f"| {r['name']} | {r['params']} | " + " | ".join(bits) + " |")
+    lines.append("| average | | " + " | ".join(f"{a['avg_bits']:.3f}" for a in allocs.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_size_vs_top1(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[str], path) -> None:
+    """Top-1 against quantized weight size, one panel per source: the uniform cells (circles, joined) and
+    the mixed-precision cells (stars), mean over seeds with std error bars; FP32 top-1 dashed."""
+    plt = _plt()
+    idx = agg.set_index(["source", "bits"])
+    cols = min(len(sources), 3)
+    rows = -(-len(sources) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False, sharey=True)
+    for ax, s in zip(axes.flat, sources):
+        for mixed, style in ((False, dict(marker="o", linestyle="-")), (True, dict(marker="*", markersize=11,
+                                                                                   linestyle="none"))):
+            pts = sorted((idx.loc[(s, b)]["weight_mb_mean"], idx.loc[(s, b)]["top1_mean"],
+                          0.0 if pd.isna(idx.loc[(s, b)]["top1_std"]) else idx.loc[(s, b)]["top1_std"], b)
+                         for b in bits if b.startswith("mp") == mixed and (s, b) in idx.index)
+            if not pts:
+                continue
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
+                        label="mixed" if mixed else "uniform", color="tab:red" if mixed else "tab:blue", **style)
+            for x, y, _, b in pts:
+                ax.annotate(b.upper(), (x, y), textcoords="offset points", xytext=(4, -10 if mixed else 4), fontsize=7)
+        ax.axhline(fp32["top1"], color="black", linestyle="--", linewidth=1, label=f"FP32 {fp32['top1']:.2f}")
+        ax.set_title(s, fontsize=9)
+        ax.set_xlabel("quantized weights (MB)")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(sources):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("top-1 accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    n = int(agg["seeds"].max())
+    fig.suptitle(f"Top-1 vs weight size per calibration source (mean ± std over {n} seed{'s' * (n > 1)})", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def mean_diversity(per_set: dict[tuple[str, int], dict]) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dfq.generators import INITS, PROBES, SOURCES
 from dfq.observers import ACT_METHODS
-from dfq.quantizers import parse_bits
+from dfq.quantizers import parse_bits, parse_mixed
 
 PosInt = Field(gt=0)
 
@@ -171,8 +171,43 @@ class Reconstruction(Strict):
     seed: int = Field(ge=0)
 
 
+class Mixed(Strict):
+    """Mixed-precision cells mp<B>a<A> (B: average weight bits over the allocatable layers, A: activation
+    bits) and the candidate weight bit-widths the sensitivity stage measures and the allocation picks from."""
+    cells: list[str] = []
+    candidates: list[int] = Field(min_length=1)
+
+    @field_validator("cells")
+    @classmethod
+    def valid_cells(cls, v: list[str]) -> list[str]:
+        for c in v:
+            parse_mixed(c)
+        repeated = sorted({c for c in v if v.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(repr, repeated))} repeated: list each mixed cell once")
+        return v
+
+    @field_validator("candidates")
+    @classmethod
+    def valid_candidates(cls, v: list[int]) -> list[int]:
+        if any(not 2 <= b <= 8 for b in v) or len(set(v)) != len(v):
+            raise ValueError(f"candidate weight bit-widths must be distinct integers in 2..8 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def budgets_reachable(self):
+        lo, hi = min(self.candidates), max(self.candidates)
+        for c in self.cells:
+            avg = parse_mixed(c)[0]
+            if not lo <= avg <= hi:
+                raise ValueError(f"quantize.mixed.cells: {c!r} asks for {avg:g} average weight bits, outside the range "
+                                 f"of quantize.mixed.candidates ({lo}..{hi} bits)")
+        return self
+
+
 class Quantize(Strict):
     bits: list[str] = Field(min_length=1)
+    mixed: Mixed
     protocol: Literal["zeroq", "brecq"] = "zeroq"
     weight_scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
     weight_range: Literal["minmax", "mse"] = "minmax"
@@ -186,6 +221,8 @@ class Quantize(Strict):
     @classmethod
     def valid_bits(cls, v: list[str]) -> list[str]:
         for b in v:
+            if str(b).startswith("mp"):
+                raise ValueError(f"{b!r} is a mixed-precision cell: list it in quantize.mixed.cells")
             parse_bits(b)
         if len(set(v)) != len(v):
             raise ValueError("bit-widths repeat")

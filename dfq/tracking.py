@@ -27,9 +27,11 @@ class Cell:
     tags: dict
     artifacts: list[str | tuple[str, str]] = field(default_factory=list)  # path (under reports/) or (path, dir)
     inputs: dict = field(default_factory=dict)
+    texts: dict = field(default_factory=dict)  # artifact path in the run -> its text (written by MLflow)
 
     def input_hash(self) -> str:
-        payload = json.dumps({"params": self.params, "metrics": self.metrics, "inputs": self.inputs}, sort_keys=True)
+        payload = {"params": self.params, "metrics": self.metrics, "inputs": self.inputs}
+        payload = json.dumps({**payload, "texts": self.texts} if self.texts else payload, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -62,6 +64,32 @@ def export_run_extras(cell: str, export_dir="metrics/export", map_dir="reports/q
     small = Path(r["onnx_path"]).is_file() and Path(r["onnx_path"]).stat().st_size <= max_mb * 1e6
     artifacts = [str(Path(map_dir) / f"{cell}.md"), *([(r["onnx_path"], "model")] if small else [])]
     return metrics, {"onnx_dvc_path": r["onnx_path"]}, artifacts
+
+
+def cell_quantize_params(quantize: dict, bits: str) -> dict:
+    """The quantize params that made a cell: all but the cell list; the mixed group (its candidate
+    bit-widths) only for a mixed-precision cell, so adding a mixed cell never relogs the uniform ones."""
+    out = {k: v for k, v in quantize.items() if k not in ("bits", "mixed")}
+    return {**out, "mixed": {"candidates": quantize["mixed"]["candidates"]}} if bits.startswith("mp") else out
+
+
+def calibrate_stage(source: str, seed: int, bits: str) -> str:
+    """The DVC stage that calibrates a cell: calibrate@<source>-<seed>-<bits>, calibrate_mixed@... for mp cells."""
+    return f"calibrate{'_mixed' * bits.startswith('mp')}@{source}-{seed}-{bits}"
+
+
+def mixed_run_extras(cell: str, calib_dir="metrics/calibrate", heatmap_dir="reports/sensitivity"):
+    """What a mixed-precision cell (<source>-s<seed>-mp<B>a<A>) adds to its run: metrics of its allocation,
+    the allocation table as a markdown artifact (allocation/<cell>.md) and the sensitivity heat map of its
+    calibration set; nothing for a uniform cell."""
+    from dfq.report import allocation_markdown
+
+    if not cell.rsplit("-", 1)[-1].startswith("mp"):
+        return {}, [], {}
+    alloc = json.loads((Path(calib_dir) / f"{cell}.json").read_text())["allocation"]
+    metrics = {"avg_weight_bits_allocatable": alloc["avg_bits"], "allocation_kl_sum": alloc["kl_sum"]}
+    text = f"# Allocation of {cell}\n\n" + allocation_markdown(alloc)
+    return metrics, [str(Path(heatmap_dir) / f"{cell.rsplit('-', 1)[0]}.png")], {f"allocation/{cell}.md": text}
 
 
 class TrackingError(RuntimeError):
@@ -106,6 +134,8 @@ def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location
                 path, where = (a, "reports") if isinstance(a, str) else a
                 if Path(path).exists():
                     mlflow.log_artifact(path, artifact_path=where)
+            for name, text in cell.texts.items():
+                mlflow.log_text(text, name)
         logged += 1
     return {"logged": logged, "skipped": skipped}
 

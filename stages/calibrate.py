@@ -1,5 +1,9 @@
-"""Stage calibrate@<source>-<seed>-<bits>: fake-quant model calibrated (and optionally reconstructed) on one
-calibration set (data/calib/<source>-s<seed>).
+"""Stage calibrate@<source>-<seed>-<bits> (and calibrate_mixed@<source>-<seed>-<cell>): fake-quant model calibrated
+(and optionally reconstructed) on one calibration set (data/calib/<source>-s<seed>).
+
+A mixed cell mp<B>a<A> takes its per-layer weight bits from the exact allocation under B average bits of
+the sensitivity stage's measurements (metrics/sensitivity/<source>-s<seed>.json); the allocation goes into
+the checkpoint and metrics/calibrate/<source>-s<seed>-<cell>.json.
 
 quantize.protocol picks the quantizer layout (zeroq | brecq), quantize.rounding the weight rounding
 (nearest | adaround | brecq | qdrop); reconstruction reads the cached synthetic tensors of the source.
@@ -17,12 +21,12 @@ def main(source: str, bits: str) -> None:
     from dfq.io import load_torch, save_json, save_torch
     from dfq.models import load_checkpoint
     from dfq.observers import make_observer
-    from dfq.quantize import calibrate, prepare, summary
-    from dfq.quantizers import parse_bits
+    from dfq.quantize import calibrate, prepare, summary, weight_size
+    from dfq.quantizers import is_mixed, parse_bits, parse_mixed
     from dfq.reconstruction import ReconConfig, reconstruct
 
     try:
-        wbits, abits = parse_bits(bits)
+        wbits, abits = parse_mixed(bits) if is_mixed(bits) else parse_bits(bits)
         make_observer(q["act_method"])  # validate the method before any work
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
@@ -30,9 +34,18 @@ def main(source: str, bits: str) -> None:
     files = sorted(Path("data/calib", source).glob("batch_*.pt"))
     if not files:
         raise SystemExit(f"data/calib/{source}: no calibration batches found")
-    gm = prepare(model, wbits, abits,
+    layer_bits = alloc = None
+    if is_mixed(bits):  # bits of every weight layer: the exact allocation under the cell's budget
+        from dfq.sensitivity import allocate_cell, load_measurement
+
+        try:
+            layer_bits, alloc = allocate_cell(load_measurement(
+                f"metrics/sensitivity/{source}.json", q["protocol"], q["weight_scheme"], q["weight_range"]), wbits)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(str(exc)) from None
+    gm = prepare(model, 8 if alloc else wbits, abits,
                  lambda: make_observer(q["act_method"], percentile=q["percentile"], ema_momentum=q["ema_momentum"]),
-                 q["protocol"], q["weight_scheme"], q["weight_range"])
+                 q["protocol"], q["weight_scheme"], q["weight_range"], layer_bits)
     start = time.perf_counter()
     recon = None
     if q["rounding"] == "nearest":
@@ -45,18 +58,22 @@ def main(source: str, bits: str) -> None:
     seconds = time.perf_counter() - start
     info = {"source": source, "bits": bits, "protocol": q["protocol"], "weight_scheme": q["weight_scheme"],
             "weight_range": q["weight_range"], "rounding": q["rounding"], "act_method": q["act_method"], "images": n,
-            **summary(gm),
-            **({"reconstruction": recon["units"]} if recon else {})}
+            **summary(gm), **({"reconstruction": recon["units"]} if recon else {}),
+            **({"layer_bits": layer_bits} if alloc else {})}
     out = Path("models/quant") / f"{source}-{bits}.pt"
     save_torch({**info, "state_dict": {k: v.cpu() for k, v in gm.state_dict().items()}}, out)
     # wall time apart from the model, so that an unchanged result stays byte-identical (evaluate skipped)
-    save_json({"seconds": round(seconds, 1), "rounding": q["rounding"], "protocol": q["protocol"], "images": n},
+    save_json({"seconds": round(seconds, 1), "rounding": q["rounding"], "protocol": q["protocol"], "images": n,
+               **weight_size(gm), **({"allocation": alloc} if alloc else {})},
               Path("metrics/calibrate") / f"{source}-{bits}.json")
+    if alloc:
+        print(f"{source}-{bits}: {alloc['avg_bits']:.3f} average weight bits, summed KL {alloc['kl_sum']:.4g}, "
+              "bits per layer " + " ".join(str(b) for b in layer_bits.values()))
     print(f"{source}-{bits}: {info['weight_layers']} weight layers and {info['act_quantizers']} activations "
           f"quantized (protocol {q['protocol']}, rounding {q['rounding']}, {n} images, {seconds:.1f} s) -> {out}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m stages.calibrate SET BITS   (e.g. zeroq-s0 w4a4)")
+        raise SystemExit("usage: python -m stages.calibrate SET BITS   (e.g. zeroq-s0 w4a4, zeroq-s0 mp4a4)")
     main(sys.argv[1], sys.argv[2])

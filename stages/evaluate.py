@@ -1,4 +1,5 @@
-"""Stage evaluate@<source>-<seed>-<bits>: top-1/top-5 of the calibrated fake-quant model on the test set."""
+"""Stage evaluate@<source>-<seed>-<bits> (and evaluate_mixed@<source>-<seed>-<cell>): top-1/top-5 of the calibrated
+fake-quant model on the test set, and the size of its quantized weights (each layer at its own bits)."""
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ def main(source: str, bits: str) -> None:
     from dfq.evaluate import evaluate, make_loader
     from dfq.io import load_torch, save_json
     from dfq.models import load_checkpoint
-    from dfq.quantize import load_quantized
+    from dfq.quantize import load_quantized, weight_size
 
     model, meta = load_checkpoint("models/fp32.pt")
     ckpt = load_torch(Path("models/quant") / f"{source}-{bits}.pt")
@@ -21,7 +22,7 @@ def main(source: str, bits: str) -> None:
     loader = make_loader(open_eval_dataset("data/prepared/eval", spec), p["batch_size"], workers())
     m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
     name, _, seed = source.rpartition("-s")  # the calibration set <source>-s<seed>
-    save_json({"top1": m["top1"], "top5": m["top5"], "source": name, "seed": int(seed), "bits": bits,
+    save_json({"top1": m["top1"], "top5": m["top5"], "source": name, "seed": int(seed), "bits": bits, **weight_size(gm),
                **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "weight_range", "act_method")
                   if k in ckpt}},
               Path("metrics/eval") / f"{source}-{bits}.json")
@@ -30,5 +31,5 @@ def main(source: str, bits: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m stages.evaluate SET BITS   (e.g. zeroq-s0 w4a4)")
+        raise SystemExit("usage: python -m stages.evaluate SET BITS   (e.g. zeroq-s0 w4a4, zeroq-s0 mp4a4)")
     main(sys.argv[1], sys.argv[2])

@@ -1,5 +1,6 @@
-"""Stage report: reports/results.md (mean ± std over seeds, built with pandas), accuracy-vs-bits with
-error bars, BN-spread and sample-grid PNGs."""
+"""Stage report: reports/results.md (mean ± std over seeds, built with pandas; uniform and mixed-precision
+cells, model sizes, the mixed cells' allocations), accuracy-vs-bits with error bars, top-1 vs weight size,
+BN-spread and sample-grid PNGs."""
 import json
 from pathlib import Path
 
@@ -8,7 +9,8 @@ from stages._common import load_params, setup_torch
 
 def main() -> None:
     gen_p, quant_p = load_params("generate", "quantize")
-    sources, seeds, bits = gen_p["sources"], gen_p["seeds"], quant_p["bits"]
+    sources, seeds, uniform, mixed = gen_p["sources"], gen_p["seeds"], quant_p["bits"], quant_p["mixed"]["cells"]
+    bits = uniform + mixed
     setup_torch()
     from dfq import report
     from dfq.io import load_torch
@@ -23,16 +25,24 @@ def main() -> None:
                for s in sources for k in seeds}
     diversity = report.mean_diversity(per_set)
     table = report.results_table(fp32, agg, sources, bits)
+    allocs = {f"{s}-s{k} {c.upper()}": json.loads((Path("metrics/calibrate") / f"{s}-s{k}-{c}.json").read_text())
+              ["allocation"] for c in mixed for s in sources for k in seeds}
     n = len(seeds)
     report.write_text(
-        "# Results\n\nTop-1 % on the test set per calibration source and bit-width (weights/activations): "
+        "# Results\n\nTop-1 % on the test set per calibration source and bit-width (weights/activations; MP<B>A<A>: "
+        "mixed precision, B average weight bits): "
         f"mean ± std over {n} seed{'s' * (n > 1)} (each seed its own calibration set; top-5 mean in brackets).\n\n"
         + table + "\n![accuracy vs bits](accuracy_vs_bits.png)\n\n## Every seed\n\nTop-1 %:\n\n"
-        + report.seeds_table(cells, bits) + "\n## Quantizer\n\n"
+        + report.seeds_table(cells, bits) + "\n## Model size\n\nQuantized weights (every conv/linear at its bits), "
+        "MB:\n\n" + report.size_table(agg, sources, bits) + "\n![top-1 vs size](size_vs_top1.png)\n"
+        + ("\n## Mixed-precision allocations\n\nWeight bits per layer (* fixed by the protocol); heat maps and "
+           "frontiers: `reports/sensitivity/<source>-s<seed>.png`.\n\n" + report.allocations_table(allocs)
+           if allocs else "") + "\n## Quantizer\n\n"
         + report.calibration_table(cells, agg, sources, bits) + "\n## Diversity of the calibration sets\n\n"
         + "Mean over seeds.\n\n" + report.diversity_table(diversity)
         + "\n![BN-statistic spread](bn_spread.png)\n\n![samples](samples.png)\n", "reports/results.md")
-    report.plot_accuracy_vs_bits(fp32, agg, sources, bits, "reports/accuracy_vs_bits.png")
+    report.plot_accuracy_vs_bits(fp32, agg, sources, uniform, "reports/accuracy_vs_bits.png")
+    report.plot_size_vs_top1(fp32, agg, sources, bits, "reports/size_vs_top1.png")
     report.plot_bn_spread(diversity, "reports/bn_spread.png")
     spec = json.loads(Path("data/prepared/meta.json").read_text())["input_spec"]
     samples = {s: load_torch(sorted(Path("data/calib", f"{s}-s{seeds[0]}").glob("batch_*.pt"))[0])[:8]

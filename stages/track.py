@@ -10,7 +10,8 @@ import yaml
 
 from stages._common import load_params, read_params
 
-ARTIFACTS = ["reports/results.md", "reports/accuracy_vs_bits.png", "reports/bn_spread.png", "reports/samples.png"]
+ARTIFACTS = ["reports/results.md", "reports/accuracy_vs_bits.png", "reports/size_vs_top1.png", "reports/bn_spread.png",
+             "reports/samples.png"]
 
 
 def lock_md5(lock: dict, stage: str, path: str) -> str:
@@ -28,7 +29,7 @@ def main() -> None:
     lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     fp32 = json.loads(Path("metrics/fp32.json").read_text())
-    cells = report.set_metrics(gen_p["sources"], gen_p["seeds"], quant_p["bits"])
+    cells = report.set_metrics(gen_p["sources"], gen_p["seeds"], quant_p["bits"] + quant_p["mixed"]["cells"])
     common = {"git_commit": commit or "unknown", "dvc_stage": os.environ.get("DVC_STAGE", "track"),
               "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
               "fp32_model_md5": lock_md5(lock, "fp32", "models/fp32.pt")}
@@ -40,24 +41,26 @@ def main() -> None:
         div = json.loads((Path("metrics/diversity") / f"{name}.json").read_text())
         data_md5 = lock_md5(lock, f"generate@{s}-{k}", f"data/calib/{name}")
         ex_m, ex_t, ex_a = tracking.export_run_extras(f"{name}-{b}") if f"{name}-{b}" in exported else ({}, {}, [])
+        mx_m, mx_a, mx_t = tracking.mixed_run_extras(f"{name}-{b}")  # mixed precision: allocation, heat map
         params = {"source": s, "seed": k, "bits": b, "data": data_p, "model": model_p,
                   "train": {} if model_p.get("weights") else train_p,
                   "generate": {"batch_size": gen_p["batch_size"], s: gen_p[s]},
-                  "quantize": {key: v for key, v in quant_p.items() if key != "bits"}}
+                  "quantize": tracking.cell_quantize_params(quant_p, b)}
         runs.append(tracking.Cell(
             run_name=f"{name}-{b}", params=params,
             metrics={**base, "top1": m["top1"], "top5": m["top5"], "top1_drop": fp32["top1"] - m["top1"],
                      "bn_spread_mean": div["bn_spread_mean"], "feature_cosine": div["feature_cosine"],
                      **({"calibration_seconds": m["calibration_seconds"]} if m["calibration_seconds"] else {}),
-                     **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}, **ex_m},
+                     **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}, **ex_m, **mx_m,
+                     **({"weight_mb": m["weight_mb"]} if m.get("weight_mb", -1) >= 0 else {})},
             tags={**common, "source": s, "seed": str(k), "bits": b, "synthetic_data_md5": data_md5, **ex_t},
-            artifacts=ARTIFACTS + ex_a,
-            inputs={"data_md5": data_md5, "quant_md5": lock_md5(lock, f"calibrate@{s}-{k}-{b}",
+            artifacts=ARTIFACTS + ex_a + mx_a, texts=mx_t,
+            inputs={"data_md5": data_md5, "quant_md5": lock_md5(lock, tracking.calibrate_stage(s, k, b),
                                                                  f"models/quant/{name}-{b}.pt")}))
     for a in report.aggregate(cells).to_dict("records"):
         s, b = a["source"], a["bits"]
         params = {"source": s, "seeds": gen_p["seeds"], "bits": b, "model": model_p, "generate": {s: gen_p[s]},
-                  "quantize": {key: v for key, v in quant_p.items() if key != "bits"}}
+                  "quantize": tracking.cell_quantize_params(quant_p, b)}
         runs.append(tracking.Cell(
             run_name=f"{s}-{b}-mean", params=params,
             metrics={**base, **{k: v for k, v in a.items() if k not in ("source", "bits") and v == v}},

@@ -53,7 +53,8 @@ def repo(tmp_path_factory):
             shutil.copy2(ROOT / f, repo / f)
     tiny = {"data.num_images": 8, "data.real_pool": 64, "train.epochs": 1, "train.max_images": 2000,
             "generate.sources": ["zeroq", "real"], "generate.batch_size": 8, "generate.zeroq.iterations": 5,
-            "quantize.bits": ["w8a8", "w2a2"], "evaluate.batch_size": 2000, "export.cells": ["zeroq-s0-w8a8"]}
+            "quantize.bits": ["w8a8", "w2a2"], "evaluate.batch_size": 2000, "export.cells": ["zeroq-s0-w8a8"],
+            "quantize.mixed.cells": []}  # test_mixed_precision_cells adds one
     for k, v in tiny.items():
         set_param(repo, k, v)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -96,6 +97,7 @@ CELLS = [f"{s}-{k}-{b}" for s in ("zeroq", "real") for k in (0,) for b in ("w8a8
 def test_repro_metrics_tracking_and_granularity(repo, env):
     out = sh(["dvc", "repro"], repo, env)
     assert ran(out) == {"data", "fp32", "generate@zeroq-0", "generate@real-0", "diversity@zeroq-0", "diversity@real-0",
+                        "sensitivity@zeroq-0", "sensitivity@real-0",
                         *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS), "export@zeroq-s0-w8a8",
                         "report", "track"}
     exported = json.loads((repo / "metrics/export/zeroq-s0-w8a8.json").read_text())
@@ -176,8 +178,8 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     set_param(repo, "generate.seeds", [0, 1])
     new = [f"{s}-1-{b}" for s in ("zeroq", "real") for b in ("w8a8", "w2a2")]
     assert ran(sh(["dvc", "repro"], repo, env)) == {
-        "generate@zeroq-1", "generate@real-1", "diversity@zeroq-1", "diversity@real-1",
-        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in new), "report", "track"}
+        "generate@zeroq-1", "generate@real-1", "diversity@zeroq-1", "diversity@real-1", "sensitivity@zeroq-1",
+        "sensitivity@real-1", *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in new), "report", "track"}
     for s in ("zeroq", "real"):  # each seed is its own calibration set
         b0 = torch_load(repo / f"data/calib/{s}-s0/batch_00000.pt")
         assert not torch_equal(b0, torch_load(repo / f"data/calib/{s}-s1/batch_00000.pt"))
@@ -187,7 +189,7 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert table_row(results, "zeroq")[4].startswith(f"{mean:.2f} ± {std:.2f}")
     assert len(mlflow_runs(repo)) == 8 + 4 + 4  # 4 new per-seed runs, 4 new aggregates (their inputs changed)
 
-    # a quantization param reruns calibrate, evaluate, report and track only
+    # a quantization param reruns calibrate, evaluate, report and track only (not the sensitivity stages)
     set_param(repo, "generate.seeds", [0])
     set_param(repo, "quantize.act_method", "percentile")
     assert ran(sh(["dvc", "repro"], repo, env)) == {*(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS),
@@ -195,13 +197,15 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())["act_method"] == "percentile"
 
     # reconstruction reads the cached synthetic tensors: switching protocol and rounding never regenerates
+    # (the protocol sets which layers are allocatable and the weight grid: the sensitivity stage reruns)
     set_param(repo, "quantize.bits", ["w8a8"])
     set_param(repo, "generate.sources", ["zeroq"])
     set_param(repo, "quantize.protocol", "brecq")
     set_param(repo, "quantize.rounding", "qdrop")
     set_param(repo, "quantize.reconstruction.iterations", 3)
     out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == {"calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8", "export@zeroq-s0-w8a8", "report", "track"}
+    assert ran(out) == {"sensitivity@zeroq-0", "calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8",
+                        "export@zeroq-s0-w8a8", "report", "track"}
     assert "qdrop reconstruction on 8 images" in out
     cell = json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())
     assert cell["protocol"] == "brecq" and cell["rounding"] == "qdrop"
@@ -221,8 +225,50 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
 
     # a zeroq param reruns zeroq's generation and what follows, not data or fp32
     set_param(repo, "generate.zeroq.iterations", 6)
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq-0", "diversity@zeroq-0", "calibrate@zeroq-0-w8a8",
-                                                     "evaluate@zeroq-0-w8a8", "export@zeroq-s0-w8a8", "report", "track"}
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq-0", "diversity@zeroq-0", "sensitivity@zeroq-0",
+                                                     "calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8",
+                                                     "export@zeroq-s0-w8a8", "report", "track"}
+
+
+def test_mixed_precision_cells(repo, env):
+    """A mixed cell (brecq protocol, qdrop rounding: the state the test above leaves) adds its calibrate_mixed
+    and evaluate_mixed stages and reruns no uniform stage nor relogs a uniform run; its candidates rerun the
+    sensitivity stage and the mixed cells only."""
+    before = len(mlflow_runs(repo))
+    set_param(repo, "quantize.mixed.cells", ["mp5a8"])
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"calibrate_mixed@zeroq-0-mp5a8", "evaluate_mixed@zeroq-0-mp5a8",
+                                                     "report", "track"}
+    sens = json.loads((repo / "metrics/sensitivity/zeroq-s0.json").read_text())
+    assert [r["name"] for r in sens["layers"] if r["fixed_bits"] == 8] == ["stem.0", "fc"]  # brecq: first, last
+    alloc = json.loads((repo / "metrics/calibrate/zeroq-s0-mp5a8.json").read_text())["allocation"]
+    free = [r for r in alloc["layers"] if not r["fixed"]]
+    assert alloc["avg_bits"] <= 5 and sum(r["params"] * r["bits"] for r in free) <= 5 * alloc["allocatable_params"]
+    assert {r["bits"] for r in free} <= {2, 3, 4, 6, 8} and all(r["bits"] == 8 for r in alloc["layers"] if r["fixed"])
+    cell = json.loads((repo / "metrics/eval/zeroq-s0-mp5a8.json").read_text())
+    uniform = json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())
+    assert cell["bits"] == "mp5a8" and cell["protocol"] == "brecq" and cell["weight_mb"] < uniform["weight_mb"]
+    total = sum(r["params"] * r["bits"] for r in alloc["layers"])
+    assert cell["weight_mb"] == pytest.approx(total / 8e6)  # evaluate rebuilt the allocated per-layer grid
+    results = (repo / "reports/results.md").read_text()
+    assert "| MP5A8 |" in results and "## Mixed-precision allocations" in results
+    assert table_row(results, "zeroq")[-1] == f"{cell['top1']:.2f} ({cell['top5']:.2f})"
+    assert (repo / "reports/size_vs_top1.png").read_bytes()[:4] == b"\x89PNG"
+    assert (repo / "reports/sensitivity/zeroq-s0.png").read_bytes()[:4] == b"\x89PNG"
+    runs = mlflow_runs(repo)
+    assert len(runs) == before + 2  # the mixed cell's run and its aggregate; no uniform run relogged
+    mixed = next(r for r in runs if r.data.tags["bits"] == "mp5a8" and r.data.tags["seed"] == "0")
+    assert mixed.data.metrics["weight_mb"] == pytest.approx(cell["weight_mb"])
+    assert mixed.data.params["quantize.mixed.candidates"] == "[2, 3, 4, 6, 8]"
+    arts = [f.path for f in mlflow_client(repo).list_artifacts(mixed.info.run_id, "allocation")]
+    assert arts == ["allocation/zeroq-s0-mp5a8.md"]
+
+    set_param(repo, "quantize.mixed.candidates", [2, 4, 8])
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"sensitivity@zeroq-0", "calibrate_mixed@zeroq-0-mp5a8",
+                                                     "evaluate_mixed@zeroq-0-mp5a8", "report", "track"}
+    alloc = json.loads((repo / "metrics/calibrate/zeroq-s0-mp5a8.json").read_text())["allocation"]
+    assert {r["bits"] for r in alloc["layers"]} <= {2, 4, 8}
+    set_param(repo, "quantize.mixed.cells", [])  # the tests below count the runs of uniform cells only
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"report", "track"}
 
 
 def torch_load(path):

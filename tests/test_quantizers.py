@@ -197,3 +197,34 @@ def test_mse_weight_range_is_the_brute_force_minimiser_per_channel():
 def test_unknown_weight_range_names_the_param():
     with pytest.raises(ValueError, match="quantize.weight_range='l3'"):
         weight_qparams(torch.randn(4, 4), 4, "asymmetric", "l3")
+
+
+@pytest.mark.parametrize("spec,expected", [("mp4a4", (4.0, 4)), ("mp3.5a8", (3.5, 8)), ("mp2a2", (2.0, 2)),
+                                           ("mp8a8", (8.0, 8)), ("mp2.25a4", (2.25, 4))])
+def test_parse_mixed(spec, expected):
+    from dfq.quantizers import is_mixed, parse_mixed
+
+    assert parse_mixed(spec) == expected and is_mixed(spec) and not is_mixed("w4a4")
+
+
+@pytest.mark.parametrize("spec", ["mp9a4", "mp8.5a4", "mp1a4", "mp4a9", "mp4.0a4", "mp4", "w4a4", "mp.5a4"])
+def test_parse_mixed_rejects(spec):
+    from dfq.quantizers import parse_mixed
+
+    with pytest.raises(ValueError, match="expected 'mp<B>a<A>'"):
+        parse_mixed(spec)
+
+
+@pytest.mark.parametrize("scheme,weight_range", [("asymmetric", "minmax"), ("symmetric", "mse")])
+def test_set_weight_bits_regrids_like_a_fresh_layer(scheme, weight_range):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3)
+    layer = QuantConv2d(conv, 8, scheme, weight_range)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        layer(x)  # caches the 8-bit weight
+        layer.set_weight_bits(3)
+        fresh = QuantConv2d(conv, 3, scheme, weight_range)
+        assert layer.weight_bits == 3 and torch.equal(layer.weight_scale, fresh.weight_scale)
+        assert torch.equal(layer.weight_zero_point, fresh.weight_zero_point)
+        assert torch.equal(layer(x), fresh(x))

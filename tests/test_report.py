@@ -76,3 +76,33 @@ def test_set_names_and_real_subsets_per_seed():
     assert torch.equal(a, a2) and not torch.equal(a, b) and len(a.unique()) == 10
     with pytest.raises(ValueError, match="data.real_pool"):
         real_subset(pool, 101, 0)
+
+
+def test_mixed_cells_sizes_allocations_and_the_size_plot(tmp_path):
+    """Mixed cells are columns like the uniform ones; the size table, the allocation table and the
+    top-1-vs-size plot read weight_mb from the evaluation metrics."""
+    ev, cal = tmp_path / "eval", tmp_path / "calib"
+    ev.mkdir(), cal.mkdir()
+    sizes = {"w8a8": 0.08, "w4a4": 0.04, "mp4a4": 0.0399}
+    for k in (0, 1):
+        for b, mb in sizes.items():
+            top1 = {"w8a8": 91.0, "w4a4": 85.0 + k, "mp4a4": 88.0 + 2 * k}[b]
+            (ev / f"zeroq-s{k}-{b}.json").write_text(json.dumps({"top1": top1, "top5": 99.0, "weight_mb": mb}))
+            (cal / f"zeroq-s{k}-{b}.json").write_text(json.dumps({"seconds": 1.0}))
+    bits = list(sizes)
+    agg = report.aggregate(report.set_metrics(["zeroq"], [0, 1], bits, ev, cal))
+    table = report.results_table({"top1": 92.0, "top5": 99.5}, agg, ["zeroq"], bits)
+    assert table.splitlines()[0].endswith("| W8A8 | W4A4 | MP4A4 |")
+    assert "| 85.50 ± 0.71 (99.00) | 89.00 ± 1.41 (99.00) |" in table
+    assert "| zeroq | 0.0800 | 0.0400 | 0.0399 |" in report.size_table(agg, ["zeroq"], bits)
+    layers = [{"name": "stem.0", "params": 10, "bits": 8, "kl": None, "fixed": True},
+              {"name": "fc", "params": 30, "bits": 3, "kl": 0.25, "fixed": False}]
+    alloc = {"budget_avg_bits": 3.5, "avg_bits": 3.0, "kl_sum": 0.25, "allocatable_params": 30, "layers": layers}
+    other = {**alloc, "avg_bits": 3.5, "layers": [layers[0], {**layers[1], "bits": 4}]}
+    both = report.allocations_table({"zeroq-s0 MP3.5A4": alloc, "dsg-s0 MP3.5A4": other})
+    assert "| stem.0 | 10 | 8* | 8* |" in both and "| fc | 30 | 3 | 4 |" in both and "| average | | 3.000 | 3.500 |" in both
+    md = report.allocation_markdown(alloc)
+    assert "| stem.0 | 10 | 8 | fixed by the protocol |" in md and "| fc | 30 | 3 | 0.25 |" in md
+    out = tmp_path / "size.png"
+    report.plot_size_vs_top1({"top1": 92.0, "top5": 99.5}, agg, ["zeroq", "real"], bits, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -72,6 +72,22 @@ BAD = [
     ("quantize.bits", ["w1a1"], "bits='w1a1' is invalid"),
     ("quantize.bits", ["w8a8", "w8a8"], "quantize.bits: bit-widths repeat"),
     ("quantize.bits", [], "quantize.bits: List should have at least 1 item"),
+    ("quantize.bits", ["w4a4", "mp4a4"], "quantize.bits: 'mp4a4' is a mixed-precision cell: list it in quantize.mixed.cells"),
+    ("quantize.mixed", DELETE, "quantize.mixed: Field required"),
+    ("quantize.mixed.budget", 4, "quantize.mixed.budget: Extra inputs"),
+    ("quantize.mixed.cells", ["mp9a4"], "quantize.mixed.cells: mixed cell 'mp9a4' is invalid; expected 'mp<B>a<A>'"),
+    ("quantize.mixed.cells", ["mp4a9"], "quantize.mixed.cells: mixed cell 'mp4a9' is invalid"),
+    ("quantize.mixed.cells", ["mp4.0a4"], "quantize.mixed.cells: mixed cell 'mp4.0a4' is invalid"),
+    ("quantize.mixed.cells", ["w4a4"], "quantize.mixed.cells: mixed cell 'w4a4' is invalid"),
+    ("quantize.mixed.cells", ["mp4a4", "mp3a4", "mp4a4"], "quantize.mixed.cells: 'mp4a4' repeated"),
+    ("quantize.mixed.cells", "mp4a4", "quantize.mixed.cells: Input should be a valid list"),
+    ("quantize.mixed.candidates", [], "quantize.mixed.candidates: List should have at least 1 item"),
+    ("quantize.mixed.candidates", [1, 4], "quantize.mixed.candidates: candidate weight bit-widths must be distinct integers in 2..8 (got [1, 4])"),
+    ("quantize.mixed.candidates", [4, 9], "quantize.mixed.candidates: candidate weight bit-widths must be distinct"),
+    ("quantize.mixed.candidates", [4, 4, 8], "quantize.mixed.candidates: candidate weight bit-widths must be distinct"),
+    ("quantize.mixed.candidates", [2, 4.5], "quantize.mixed.candidates.1: Input should be a valid integer"),
+    ("quantize.mixed.candidates", [6, 8], "quantize.mixed.cells: 'mp4a4' asks for 4 average weight bits, outside the "
+                                          "range of quantize.mixed.candidates (6..8 bits)"),
     ("quantize.act_method", "max", "quantize.act_method: unknown act_method 'max'; allowed: minmax, ema, dsg, percentile, mse"),
     ("quantize.percentile", 120, "quantize.percentile: Input should be less than or equal to 100"),
     ("quantize.ema_momentum", 1.0, "quantize.ema_momentum: Input should be less than 1"),
@@ -246,3 +262,13 @@ def test_every_profile_is_valid(profile):
             node = node.setdefault(k, {})
         node[last] = value
     validate(p)
+
+
+def test_mixed_cells_and_candidates():
+    mixed = validate(GOOD).quantize.mixed
+    assert mixed.cells == ["mp4a4"] and mixed.candidates == [2, 3, 4, 6, 8]
+    p = with_change("quantize.mixed", {"cells": ["mp3.5a8", "mp2a4", "mp8a8"], "candidates": [8, 2, 4]})
+    assert validate(p).quantize.mixed.cells == ["mp3.5a8", "mp2a4", "mp8a8"]  # budgets from 2 to 8 average bits
+    assert validate(with_change("quantize.mixed.cells", [])).quantize.mixed.cells == []  # no mixed cell: no mixed stage
+    with pytest.raises(ParamsError, match=r"'mp3a4' asks for 3 average weight bits, outside .*\(4..8 bits\)"):
+        validate(with_change("quantize.mixed", {"cells": ["mp3a4"], "candidates": [4, 8]}))

@@ -111,3 +111,44 @@ def test_artifacts_land_under_their_folder(tmp_path):
     assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/cell.onnx"]
     local = client.download_artifacts(run_id, "model/cell.onnx", str(tmp_path / "dl"))
     assert open(local, "rb").read() == b"onnx"
+
+
+def test_texts_are_logged_and_leave_other_hashes_alone(tmp_path):
+    """A mixed cell's allocation table is logged from text (allocation/<cell>.md); a cell without texts
+    keeps the input hash it had before texts existed, so adding the field relogs nothing."""
+    import hashlib
+    import json
+
+    c = cells()[0]
+    old = json.dumps({"params": c.params, "metrics": c.metrics, "inputs": c.inputs}, sort_keys=True)
+    assert c.input_hash() == hashlib.sha256(old.encode()).hexdigest()
+    mixed = Cell(run_name="zeroq-s0-mp4a4", params={"bits": "mp4a4"}, metrics={"top1": 90.0}, tags={"bits": "mp4a4"},
+                 texts={"allocation/zeroq-s0-mp4a4.md": "| layer | bits |\n|---|---|\n| fc | 8 |\n"})
+    assert mixed.input_hash() != Cell(mixed.run_name, mixed.params, mixed.metrics, mixed.tags).input_hash()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_cells([mixed], uri=uri, experiment="t", artifact_location=(tmp_path / "art").as_uri())
+    client = mlflow.tracking.MlflowClient(uri)
+    run_id = runs(uri)[0].info.run_id
+    local = client.download_artifacts(run_id, "allocation/zeroq-s0-mp4a4.md", str(tmp_path / "dl"))
+    assert open(local).read().endswith("| fc | 8 |\n")
+
+
+def test_mixed_run_extras_and_cell_params(tmp_path):
+    import json
+
+    from dfq.tracking import calibrate_stage, cell_quantize_params, mixed_run_extras
+
+    alloc = {"budget_avg_bits": 4.0, "budget_bits": 40, "avg_bits": 3.9, "kl_sum": 0.0123, "allocatable_params": 10,
+             "layers": [{"name": "stem.0", "params": 4, "bits": 6, "kl": 0.01, "fixed": False},
+                        {"name": "fc", "params": 6, "bits": 2, "kl": 0.0023, "fixed": False}]}
+    (tmp_path / "zeroq-s1-mp4a4.json").write_text(json.dumps({"seconds": 1.0, "allocation": alloc}))
+    metrics, artifacts, texts = mixed_run_extras("zeroq-s1-mp4a4", tmp_path, "reports/sensitivity")
+    assert metrics == {"avg_weight_bits_allocatable": 3.9, "allocation_kl_sum": 0.0123}
+    assert artifacts == ["reports/sensitivity/zeroq-s1.png"]
+    assert "| stem.0 | 4 | 6 | 0.01 |" in texts["allocation/zeroq-s1-mp4a4.md"]
+    assert mixed_run_extras("zeroq-s1-w4a4", tmp_path) == ({}, [], {})
+    q = {"bits": ["w4a4"], "mixed": {"cells": ["mp4a4"], "candidates": [2, 4, 8]}, "protocol": "zeroq"}
+    assert cell_quantize_params(q, "w4a4") == {"protocol": "zeroq"}  # a new mixed cell never relogs uniform runs
+    assert cell_quantize_params(q, "mp4a4") == {"protocol": "zeroq", "mixed": {"candidates": [2, 4, 8]}}
+    assert calibrate_stage("zeroq", 1, "w4a4") == "calibrate@zeroq-1-w4a4"
+    assert calibrate_stage("zeroq", 1, "mp3.5a4") == "calibrate_mixed@zeroq-1-mp3.5a4"

@@ -1,0 +1,47 @@
+"""Stage sensitivity@<source>-<seed>: per weight layer and candidate bit-width (quantize.mixed.candidates), the
+KL divergence between the FP32 softmax and that of the model with only that layer's weights quantized,
+on one calibration set (data/calib/<source>-s<seed>); the Pareto frontier of size vs summed KL.
+
+Writes metrics/sensitivity/<source>-s<seed>.json (read by calibrate_mixed) and the heat map + frontier
+reports/sensitivity/<source>-s<seed>.png. The wall time is printed, not saved: an unchanged result stays
+byte-identical, so the mixed cells downstream are not rerun.
+"""
+import sys
+import time
+from pathlib import Path
+
+from stages._common import device, load_params, setup_torch
+
+
+def main(calib_set: str) -> None:
+    q = load_params("quantize")
+    setup_torch()
+    from dfq import sensitivity
+    from dfq.io import load_torch, save_json
+    from dfq.models import load_checkpoint
+
+    model, _ = load_checkpoint("models/fp32.pt")
+    files = sorted(Path("data/calib", calib_set).glob("batch_*.pt"))
+    if not files:
+        raise SystemExit(f"data/calib/{calib_set}: no calibration batches found")
+    start = time.perf_counter()
+    sens = sensitivity.measure(model, [load_torch(f) for f in files], q["mixed"]["candidates"], q["protocol"],
+                               q["weight_scheme"], q["weight_range"], device(), desc=f"sensitivity {calib_set}")
+    seconds = time.perf_counter() - start
+    front = sensitivity.frontier_of(sens)
+    n = sum(r["params"] for r in sens["layers"] if r["fixed_bits"] is None)
+    save_json({"set": calib_set, **sens, "allocatable_params": n,
+               "uniform_kl_sum": {str(b): v for b, v in sensitivity.uniform_costs(sens).items()},
+               "frontier": {"avg_bits": (front.sizes / n).tolist(), "kl_sum": front.costs.tolist()}},
+              Path("metrics/sensitivity") / f"{calib_set}.json")
+    sensitivity.plot(sens, front, f"{calib_set}: weight sensitivity ({q['protocol']} protocol, {sens['images']} "
+                     "images)", Path("reports/sensitivity") / f"{calib_set}.png")
+    print(sensitivity.frontier_table(sens, front))
+    print(f"{calib_set}: {len(sens['layers'])} weight layers x {len(sens['candidates'])} bit-widths on "
+          f"{sens['images']} images in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m stages.sensitivity SET   (e.g. zeroq-s0)")
+    main(sys.argv[1])
