@@ -18,7 +18,8 @@ def set_metrics(sources: list[str], seeds: list[int], bits: list[str], eval_dir=
             for b in bits:
                 path = Path(eval_dir) / f"{s}-s{k}-{b}.json"
                 if not path.is_file():
-                    raise FileNotFoundError(f"{path}: missing (run the evaluate@{s}-{k}-{b} stage first)")
+                    stage = "evaluate_mixed" if b.startswith("mp") else "evaluate"
+                    raise FileNotFoundError(f"{path}: missing (run the {stage}@{s}-{k}-{b} stage first)")
                 calib = Path(calib_dir) / path.name
                 seconds = json.loads(calib.read_text())["seconds"] if calib.is_file() else None
                 rows.append({**json.loads(path.read_text()), "source": s, "seed": k, "bits": b,

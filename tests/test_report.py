@@ -103,6 +103,8 @@ def test_mixed_cells_sizes_allocations_and_the_size_plot(tmp_path):
     assert "| stem.0 | 10 | 8* | 8* |" in both and "| fc | 30 | 3 | 4 |" in both and "| average | | 3.000 | 3.500 |" in both
     md = report.allocation_markdown(alloc)
     assert "| stem.0 | 10 | 8 | fixed by the protocol |" in md and "| fc | 30 | 3 | 0.25 |" in md
+    with pytest.raises(FileNotFoundError, match="run the evaluate_mixed@zeroq-2-mp4a4 stage"):
+        report.set_metrics(["zeroq"], [2], ["mp4a4"], ev, cal)
     out = tmp_path / "size.png"
     report.plot_size_vs_top1({"top1": 92.0, "top5": 99.5}, agg, ["zeroq", "real"], bits, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
