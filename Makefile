@@ -64,7 +64,7 @@ recon: setup
 # 40-image budget; then the default model. DFQ_THREADS=1 keeps a shared 2-core machine from thrashing.
 # Then: python -m stages.compare --metric top1 --filter "tags.bits = 'w4a4'"
 W4 := -S 'quantize.bits=["w4a4"]'
-DEFAULT_STUDY := -S 'export.cells=[]' -S quantize.weight_scheme=asymmetric -S 'generate.seeds=[0,1,2]' -S 'generate.sources=["gaussian","zeroq","real","dsg","dsg_code"]' \
+DEFAULT_STUDY := -S 'export.cells=[]' -S quantize.weight_scheme=asymmetric -S quantize.bias=float -S 'generate.seeds=[0,1,2]' -S 'generate.sources=["gaussian","zeroq","real","dsg","dsg_code"]' \
   -S 'quantize.bits=["w6a6","w4a4"]'
 dsg-study: setup
 	mlflow db upgrade sqlite:///$(abspath mlflow.db)

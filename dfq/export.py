@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dfq.quantizers import ActFakeQuantize, QuantConv2d, QuantLinear
+from dfq.quantize import input_quantizer
+from dfq.quantizers import ActFakeQuantize, QuantConv2d, QuantLinear, weight_integers
 
 OPSET = 17
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
@@ -90,15 +91,6 @@ class _ExportWeight(nn.Module):
         return F.conv2d(x, w, self.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-def weight_integers(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight on its own grid as integers q in [0, 2^b - 1] (whatever rounding produced it)."""
-    with torch.no_grad():
-        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        wq = layer.quantized_weight()
-        q = torch.round(wq / layer.weight_scale.reshape(shape)) + layer.weight_zero_point.reshape(shape)
-    return q.to(torch.int32)
-
-
 def _bn_factor(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     g = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     return g, bn.bias.detach() - g * bn.running_mean
@@ -136,24 +128,9 @@ def _qualified(prefix: str, target: str) -> str:
 
 
 def _input_quantizer(root: nn.Module, g: fx.GraphModule, src, prefixes: dict) -> str:
-    """Name of the activation quantizer whose output ``src`` is, following a unit's input placeholder
-    out to the parent graph; 'FP32' when the tensor is not quantized."""
-    while True:
-        mods = dict(g.named_modules())
-        if src.op == "call_module" and isinstance(mods.get(src.target), (ActFakeQuantize, _ExportAct)):
-            return _qualified(prefixes[id(g)], src.target)
-        if src.op == "call_module" and isinstance(mods.get(src.target), fx.GraphModule):  # a unit's output
-            g = mods[src.target]
-            src = next(n for n in g.graph.nodes if n.op == "output").args[0]
-            continue
-        if src.op != "placeholder" or not prefixes[id(g)]:
-            return "FP32"
-        name = prefixes[id(g)]
-        parent_name, _, child = name.rpartition(".")
-        parent = next(p for p in _graphs(root) if any(n.op == "call_module" and _qualified(prefixes[id(p)], n.target) == name
-                                                     for n in p.graph.nodes))
-        call = next(n for n in parent.graph.nodes if n.op == "call_module" and _qualified(prefixes[id(parent)], n.target) == name)
-        g, src = parent, call.args[0]
+    """Name of the activation quantizer whose output ``src`` is; 'FP32' when the tensor is not quantized."""
+    found = input_quantizer(root, g, src, prefixes, (ActFakeQuantize, _ExportAct))
+    return found[0] if found else "FP32"
 
 
 def activation_map(gm: nn.Module) -> list[dict]:

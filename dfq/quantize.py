@@ -31,7 +31,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from dfq.models import executed_modules
-from dfq.quantizers import ActFakeQuantize, QuantConv2d, QuantLinear
+from dfq.quantizers import ActFakeQuantize, QuantConv2d, QuantLinear, weight_integers
 
 PROTOCOLS = ("zeroq", "brecq")
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
@@ -251,6 +251,71 @@ def calibrate(gm: nn.Module, batches: Iterable[torch.Tensor], device="cpu", desc
     for fq in act_quantizers(gm):
         fq.freeze()
     return n
+
+
+def input_quantizer(root: nn.Module, g: fx.GraphModule, src: fx.Node, prefixes: dict,
+                    types: tuple = (ActFakeQuantize,)) -> tuple[str, nn.Module] | None:
+    """(qualified name, module) of the activation quantizer whose output the node ``src`` of graph ``g``
+    (inside ``root``; ``prefixes``: id(graph) -> its qualified name) is, following a unit's input
+    placeholder out to the parent graph and a unit's output into its graph; None: the tensor is FP32."""
+    while True:
+        mods = dict(g.named_modules())
+        prefix = prefixes[id(g)]
+        if src.op == "call_module" and isinstance(mods.get(src.target), types):
+            return (f"{prefix}.{src.target}" if prefix else src.target), mods[src.target]
+        if src.op == "call_module" and isinstance(mods.get(src.target), fx.GraphModule):  # a unit's output
+            g = mods[src.target]
+            src = next(n for n in g.graph.nodes if n.op == "output").args[0]
+            continue
+        if src.op != "placeholder" or not prefix:
+            return None
+        parent = next(m for m in root.modules() if isinstance(m, fx.GraphModule) and any(
+            n.op == "call_module" and (f"{prefixes[id(m)]}.{n.target}" if prefixes[id(m)] else n.target) == prefix
+            for n in m.graph.nodes))
+        pp = prefixes[id(parent)]
+        call = next(n for n in parent.graph.nodes
+                    if n.op == "call_module" and (f"{pp}.{n.target}" if pp else n.target) == prefix)
+        g, src = parent, call.args[0]
+
+
+@torch.no_grad()
+def round_biases(gm: nn.Module) -> int:
+    """Put biases on the int32 grid an integer engine adds them on (what dfq.export writes): step
+    s_x * s_w per output channel (s_x: the scale of the layer's input quantizer), for every conv/linear
+    whose input is quantized and whose weight integers fit int8 at zero point 0. A conv whose only reader
+    is a BatchNorm (zeroq protocol; the export folds it after quantization, scale s_w |gamma / sigma|)
+    gets the BN's shift moved onto the grid s_x s_w |gamma / sigma| instead. Returns the layers changed."""
+    prefixes = {id(m): n for n, m in gm.named_modules()}
+    changed = 0
+    for g in [m for m in gm.modules() if isinstance(m, fx.GraphModule)]:
+        mods = dict(g.named_modules())
+        for node in g.graph.nodes:
+            layer = mods.get(node.target) if node.op == "call_module" else None
+            if not isinstance(layer, QUANT_TYPES):
+                continue
+            src = input_quantizer(gm, g, node.args[0], prefixes)
+            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+            ints = weight_integers(layer) - layer.weight_zero_point.reshape(shape).to(torch.int32)
+            if src is None or int(ints.min()) < -128 or int(ints.max()) > 127:
+                continue  # float conv in the export: its bias stays float
+            step = float(src[1].scale) * layer.weight_scale.detach()
+            users = list(node.users)
+            bn = mods.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+            if isinstance(bn, nn.BatchNorm2d):
+                if bn.bias is None or bn.running_mean is None:
+                    continue
+                gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                if ((gain < 0) & (ints.flatten(1).min(1).values < -127)).any():
+                    continue  # the export keeps this BN a float op
+                conv_b = layer.bias if layer.bias is not None else torch.zeros_like(gain)
+                total, st = bn.bias - gain * bn.running_mean + gain * conv_b, step * gain.abs()
+                bn.bias.copy_(torch.round(total / st) * st + gain * bn.running_mean - gain * conv_b)
+            elif layer.bias is not None:
+                layer.bias.copy_(torch.round(layer.bias / step) * step)
+            else:
+                continue
+            changed += 1
+    return changed
 
 
 def load_calibrated(gm: nn.Module, state: dict) -> nn.Module:

@@ -175,6 +175,15 @@ class _WeightFakeQuant:
         self._wq_key = None
 
 
+def weight_integers(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight on its own grid as integers q in [0, 2^b - 1] (whatever rounding produced it)."""
+    with torch.no_grad():
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        wq = layer.quantized_weight()
+        q = torch.round(wq / layer.weight_scale.reshape(shape)) + layer.weight_zero_point.reshape(shape)
+    return q.to(torch.int32)
+
+
 class QuantConv2d(_WeightFakeQuant, nn.Conv2d):
     """A Conv2d whose weight is fake-quantized per output channel (min-max or MSE-searched grid)."""
 

@@ -211,6 +211,7 @@ class Quantize(Strict):
     protocol: Literal["zeroq", "brecq"] = "zeroq"
     weight_scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
     weight_range: Literal["minmax", "mse"] = "minmax"
+    bias: Literal["int32", "float"] = "float"
     rounding: Literal["nearest", "adaround", "brecq", "qdrop"] = "nearest"
     reconstruction: Reconstruction
     act_method: str

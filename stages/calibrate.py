@@ -5,8 +5,8 @@ A mixed cell mp<B>a<A> takes its per-layer weight bits from the exact allocation
 the sensitivity stage's measurements (metrics/sensitivity/<source>-s<seed>.json); the allocation goes into
 the checkpoint and metrics/calibrate/<source>-s<seed>-<cell>.json.
 
-quantize.protocol picks the quantizer layout (zeroq | brecq), quantize.rounding the weight rounding
-(nearest | adaround | brecq | qdrop); reconstruction reads the cached synthetic tensors of the source.
+quantize.protocol picks the quantizer layout (zeroq | brecq), quantize.rounding the weight rounding (nearest |
+adaround | brecq | qdrop; on the set's cached tensors), quantize.bias int32 or float biases.
 """
 import sys
 import time
@@ -21,7 +21,7 @@ def main(source: str, bits: str) -> None:
     from dfq.io import load_torch, save_json, save_torch
     from dfq.models import load_checkpoint
     from dfq.observers import make_observer
-    from dfq.quantize import calibrate, prepare, summary, weight_size
+    from dfq.quantize import calibrate, prepare, round_biases, summary, weight_size
     from dfq.quantizers import is_mixed, parse_bits, parse_mixed
     from dfq.reconstruction import ReconConfig, reconstruct
 
@@ -55,11 +55,12 @@ def main(source: str, bits: str) -> None:
         n = len(data)
         print(f"{source}-{bits}: {q['rounding']} reconstruction on {n} images", flush=True)
         recon = reconstruct(gm, data, q["rounding"], ReconConfig(**q["reconstruction"]), device())
+    biases = round_biases(gm) if q["bias"] == "int32" else 0  # on the int32 grid dfq.export writes them on
     seconds = time.perf_counter() - start
     info = {"source": source, "bits": bits, "protocol": q["protocol"], "weight_scheme": q["weight_scheme"],
-            "weight_range": q["weight_range"], "rounding": q["rounding"], "act_method": q["act_method"], "images": n,
-            **summary(gm), **({"reconstruction": recon["units"]} if recon else {}),
-            **({"layer_bits": layer_bits} if alloc else {})}
+            "weight_range": q["weight_range"], "bias": q["bias"], "rounding": q["rounding"],
+            "act_method": q["act_method"], "images": n, "int32_biases": biases, **summary(gm),
+            **({"reconstruction": recon["units"]} if recon else {}), **({"layer_bits": layer_bits} if alloc else {})}
     out = Path("models/quant") / f"{source}-{bits}.pt"
     save_torch({**info, "state_dict": {k: v.cpu() for k, v in gm.state_dict().items()}}, out)
     # wall time apart from the model, so that an unchanged result stays byte-identical (evaluate skipped)
@@ -68,7 +69,7 @@ def main(source: str, bits: str) -> None:
               Path("metrics/calibrate") / f"{source}-{bits}.json")
     if alloc:
         print(f"{source}-{bits}: {alloc['avg_bits']:.3f} average weight bits, summed KL {alloc['kl_sum']:.4g}, "
-              "bits per layer " + " ".join(str(b) for b in layer_bits.values()))
+              f"bits per layer {' '.join(map(str, layer_bits.values()))}")
     print(f"{source}-{bits}: {info['weight_layers']} weight layers and {info['act_quantizers']} activations "
           f"quantized (protocol {q['protocol']}, rounding {q['rounding']}, {n} images, {seconds:.1f} s) -> {out}")
 

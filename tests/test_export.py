@@ -150,3 +150,29 @@ def test_maxpool_runs_on_uint8_and_the_stem_conv_fuses(tmp_path):
         while src.op_type in ("Transpose", "Clip"):  # layout change, the 4-bit grid's integer Clip
             src = producer[src.input[0]]
         assert src.op_type == "QLinearConv"  # the pool reads the conv's uint8 output
+
+
+@pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
+def test_int32_biases_make_the_fake_quant_model_the_integer_model(narrow_resnet, protocol):
+    """W4A4: ONNX Runtime adds biases as int32 at s_x * s_w (the BN shift of the zeroq protocol at
+    s_x * s_w * |gamma / sigma|). Without round_biases the fake-quant model keeps float biases and differs
+    from ONNX Runtime by up to a grid step; with it, every bias the export writes is already on that grid
+    and the logits agree to float rounding (a requantization tie aside)."""
+    from dfq.quantize import round_biases
+
+    torch.manual_seed(3)
+    model = narrow_resnet()
+    for m in model.modules():  # biases and BN shifts large enough that their rounding shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.bias.data.uniform_(-0.5, 0.5)
+    gm, x = _calibrated(model, 4, 4, protocol)
+    data, _ = to_onnx(gm, (1, 1, 16, 16), protocol)
+    ort_out, ref = _logits(gm, data, x)
+    before = (ort_out - ref).abs().max()
+    assert round_biases(gm) == (8 if protocol == "zeroq" else 10)  # zeroq: the stem and fc read FP32 tensors
+    data, _ = to_onnx(gm, (1, 1, 16, 16), protocol)
+    ort_out, ref = _logits(gm, data, x)
+    after = (ort_out - ref).abs().max()
+    assert after < 1e-3 < before, (after, before)
+    assert torch.equal(ort_out.argmax(1), ref.argmax(1))
+    assert round_biases(gm) and torch.allclose(gm(x), ref, atol=1e-5)  # idempotent: already on the grid
