@@ -94,6 +94,7 @@ BAD = [
     ("quantize.protocol", "tensorrt", "quantize.protocol: Input should be 'zeroq' or 'brecq'"),
     ("quantize.rounding", "stochastic", "quantize.rounding: Input should be 'nearest', 'adaround', 'brecq' or 'qdrop'"),
     ("quantize.weight_scheme", "pot", "quantize.weight_scheme: Input should be 'asymmetric' or 'symmetric'"),
+    ("quantize.bias", "int8", "quantize.bias: Input should be 'int32' or 'float'"),
     ("quantize.reconstruction.iterations", 0, "quantize.reconstruction.iterations: Input should be greater than 0"),
     ("quantize.reconstruction.warmup", 1.0, "quantize.reconstruction.warmup: Input should be less than 1"),
     ("quantize.reconstruction.drop_prob", 1.5, "quantize.reconstruction.drop_prob: Input should be less than or equal to 1"),
