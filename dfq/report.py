@@ -123,35 +123,51 @@ def allocations_table(allocs: dict[str, dict]) -> str:
 
 
 def plot_size_vs_top1(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[str], path) -> None:
-    """Top-1 against quantized weight size, one panel per source: the uniform cells (circles, joined) and
-    the mixed-precision cells (stars), mean over seeds with std error bars; FP32 top-1 dashed."""
+    """Top-1 against quantized weight size, one panel per source, one colour per activation bit-width:
+    uniform cells (circles, joined by size) and mixed-precision cells (stars), mean over seeds with std
+    error bars; FP32 top-1 dashed. The y axis starts at most 10 points below FP32: a cell further down is
+    drawn on the bottom edge (triangle) with its top-1 written beside it."""
     plt = _plt()
     idx = agg.set_index(["source", "bits"])
+    acts = sorted({int(b.rsplit("a", 1)[1]) for b in bits}, reverse=True)
+    colour = {a: plt.get_cmap("tab10")(i) for i, a in enumerate(acts)}
+    tops = [idx.loc[(s, b)]["top1_mean"] for s in sources for b in bits if (s, b) in idx.index]
+    lo = max(min(tops, default=0.0) - 1, fp32["top1"] - 10)
     cols = min(len(sources), 3)
     rows = -(-len(sources) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.6 * rows), dpi=110, squeeze=False, sharey=True)
     for ax, s in zip(axes.flat, sources):
-        for mixed, style in ((False, dict(marker="o", linestyle="-")), (True, dict(marker="*", markersize=11,
-                                                                                   linestyle="none"))):
-            pts = sorted((idx.loc[(s, b)]["weight_mb_mean"], idx.loc[(s, b)]["top1_mean"],
-                          0.0 if pd.isna(idx.loc[(s, b)]["top1_std"]) else idx.loc[(s, b)]["top1_std"], b)
-                         for b in bits if b.startswith("mp") == mixed and (s, b) in idx.index)
-            if not pts:
-                continue
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
-                        label="mixed" if mixed else "uniform", color="tab:red" if mixed else "tab:blue", **style)
-            for x, y, _, b in pts:
-                ax.annotate(b.upper(), (x, y), textcoords="offset points", xytext=(4, -10 if mixed else 4), fontsize=7)
+        for a in acts:
+            for mixed in (False, True):
+                cells = [b for b in bits if (s, b) in idx.index and b.startswith("mp") == mixed
+                         and int(b.rsplit("a", 1)[1]) == a]
+                pts = sorted((idx.loc[(s, b)]["weight_mb_mean"], idx.loc[(s, b)]["top1_mean"],
+                              0.0 if pd.isna(idx.loc[(s, b)]["top1_std"]) else idx.loc[(s, b)]["top1_std"], b)
+                             for b in cells)
+                if not pts:
+                    continue
+                ax.errorbar([p[0] for p in pts], [max(p[1], lo) for p in pts], yerr=[p[2] for p in pts], capsize=3,
+                            color=colour[a], marker="*" if mixed else "o", markersize=11 if mixed else 5,
+                            linestyle="none" if mixed else "-", label=f"A{a} {'mixed' if mixed else 'uniform'}")
+                for x, y, _, b in pts:
+                    text = b.upper() if y >= lo else f"{b.upper()} {y:.1f}"
+                    if y < lo:
+                        ax.plot([x], [lo], marker="v", color=colour[a], markersize=8)
+                    ax.annotate(text, (x, max(y, lo)), textcoords="offset points", xytext=(-7 if mixed else 5, -3),
+                                ha="right" if mixed else "left", fontsize=7, color=colour[a])  # mixed: left
         ax.axhline(fp32["top1"], color="black", linestyle="--", linewidth=1, label=f"FP32 {fp32['top1']:.2f}")
+        ax.set_ylim(lo - 0.3, fp32["top1"] + 0.8)
+        ax.margins(x=0.18)  # room for the labels
         ax.set_title(s, fontsize=9)
         ax.set_xlabel("quantized weights (MB)")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(sources):]:
         ax.axis("off")
     axes[0][0].set_ylabel("top-1 accuracy (%)")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=6, loc="lower right")
     n = int(agg["seeds"].max())
-    fig.suptitle(f"Top-1 vs weight size per calibration source (mean ± std over {n} seed{'s' * (n > 1)})", fontsize=10)
+    fig.suptitle(f"Top-1 vs weight size per calibration source (mean ± std over {n} seed{'s' * (n > 1)}; "
+                 "A: activation bits)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
