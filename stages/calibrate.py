@@ -36,8 +36,7 @@ def main(source: str, bits: str) -> None:
         raise SystemExit(f"data/calib/{source}: no calibration batches found")
     layer_bits = alloc = None
     if is_mixed(bits):  # bits of every weight layer: the exact allocation under the cell's budget
-        from dfq.sensitivity import allocate_cell, load_measurement
-
+        from dfq.sensitivity import allocate_cell, load_measurement  # not a dep of uniform cells
         try:
             layer_bits, alloc = allocate_cell(load_measurement(
                 f"metrics/sensitivity/{source}.json", q["protocol"], q["weight_scheme"], q["weight_range"]), wbits)
