@@ -256,13 +256,14 @@ def method_of(source: str, cfg: dict) -> str:
     return method
 
 
-def real_subset(pool: torch.Tensor, num_images: int, seed: int) -> torch.Tensor:
+def real_subset(pool: torch.Tensor, num_images: int, seed: int, skip: int = 0) -> torch.Tensor:
     """``num_images`` images drawn without replacement from the data stage's pool of real training
-    images, by ``seed`` (each seed of the real source is its own calibration set)."""
-    if num_images > len(pool):
-        raise ValueError(f"data.num_images={num_images} is larger than the real image pool ({len(pool)} images, "
-                         "data.real_pool): raise data.real_pool or lower data.num_images")
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(batch_seed(seed, -1)))[:num_images]
+    images, by ``seed`` (each seed of the real source is its own calibration set); ``skip``: the draw
+    continued after the first ``skip`` images (fine-tuning's extra images, disjoint from the set's)."""
+    if skip + num_images > len(pool):
+        raise ValueError(f"{skip + num_images} real images (data.num_images, or finetune.num_images) are more than "
+                         f"the real image pool ({len(pool)} images, data.real_pool): raise data.real_pool")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(batch_seed(seed, -1)))[skip : skip + num_images]
     return pool[pick.sort().values]
 
 
@@ -277,6 +278,5 @@ def generate_batch(source: str, model: nn.Module, shape: tuple[int, ...], seed: 
         x, info = zeroq_batch(model, shape, seed, device=device, desc=desc, **cfg)
         return x, info, None
     if method == "dsg":
-        kw = {k: v for k, v in cfg.items() if k != "batch_multiple"}
-        return dsg_batch(model, shape, seed, device=device, desc=desc, **kw)
+        return dsg_batch(model, shape, seed, device=device, desc=desc, **cfg)
     raise ValueError(f"generate source {source!r}: method {method!r} makes no synthetic batches here")

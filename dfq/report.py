@@ -18,13 +18,37 @@ def set_metrics(sources: list[str], seeds: list[int], bits: list[str], eval_dir=
             for b in bits:
                 path = Path(eval_dir) / f"{s}-s{k}-{b}.json"
                 if not path.is_file():
-                    stage = "evaluate_mixed" if b.startswith("mp") else "evaluate"
-                    raise FileNotFoundError(f"{path}: missing (run the {stage}@{s}-{k}-{b} stage first)")
+                    stage = ("evaluate_finetune" if b.endswith("-ft") else "evaluate_mixed" if b.startswith("mp")
+                             else "evaluate")
+                    raise FileNotFoundError(f"{path}: missing (run the {stage}@{s}-{k}-{b.removesuffix('-ft')} stage first)")
                 calib = Path(calib_dir) / path.name
                 seconds = json.loads(calib.read_text())["seconds"] if calib.is_file() else None
                 rows.append({**json.loads(path.read_text()), "source": s, "seed": k, "bits": b,
                              "calibration_seconds": seconds})
     return pd.DataFrame(rows)
+
+
+def pipeline_cells(sources: list[str], seeds: list[int], bits: list[str], finetune: dict) -> pd.DataFrame:
+    """Every cell of the pipeline: sources x seeds x bits (uniform and mixed), then the fine-tuned cells
+    ``finetune["sources"]`` x seeds x ``<bits>-ft`` (their ``calibration_seconds``: the fine-tuning time)."""
+    cells = set_metrics(sources, seeds, bits)
+    if not finetune["sources"]:
+        return cells
+    tuned = set_metrics(finetune["sources"], seeds, [f"{b}-ft" for b in finetune["bits"]], calib_dir="metrics/finetune")
+    return pd.concat([cells, tuned], ignore_index=True)
+
+
+def finetune_table(agg: pd.DataFrame, sources: list[str], bits: list[str]) -> str:
+    """Markdown: each fine-tuned cell beside the calibrated cell it starts from (top-1 mean ± std over seeds),
+    the gain in points and the fine-tuning wall time."""
+    idx = agg.set_index(["source", "bits"])
+    lines = ["| source | bits | calibrated | fine-tuned | gain | fine-tuning s | seeds |", "|" + "---|" * 7]
+    for s in sources:
+        for b in bits:
+            c, t = idx.loc[(s, b)], idx.loc[(s, f"{b}-ft")]
+            lines.append(f"| {s} | {b.upper()} | {_pm(c['top1_mean'], c['top1_std'])} | {_pm(t['top1_mean'], t['top1_std'])} "
+                         f"| {t['top1_mean'] - c['top1_mean']:+.2f} | {t['calibration_seconds_mean']:.0f} | {int(t['seeds'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def aggregate(cells: pd.DataFrame, metrics=("top1", "top5", "calibration_seconds", "weight_mb")) -> pd.DataFrame:
@@ -66,7 +90,8 @@ def seeds_table(cells: pd.DataFrame, bits: list[str]) -> str:
     wide = cells.pivot_table(index=["source", "seed"], columns="bits", values="top1", sort=False)
     lines = ["| source | seed | " + " | ".join(b.upper() for b in bits) + " |", "|" + "---|" * (2 + len(bits))]
     for (s, k), row in wide.iterrows():
-        lines.append(f"| {s} | {k} | " + " | ".join(f"{row[b]:.2f}" if b in row else "n/a" for b in bits) + " |")
+        lines.append(f"| {s} | {k} | " + " | ".join(f"{row[b]:.2f}" if b in row and pd.notna(row[b]) else "n/a"
+                                                    for b in bits) + " |")
     return "\n".join(lines) + "\n"
 
 

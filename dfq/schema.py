@@ -245,7 +245,7 @@ class Track(Strict):
     experiment: str = Field(min_length=1)
 
 
-EXPORT_CELL = re.compile(r"^[A-Za-z0-9_]+-s\d+-w[2-8]a[2-8]$")
+EXPORT_CELL = re.compile(r"^[A-Za-z0-9_]+-s\d+-w[2-8]a[2-8](-ft)?$")
 
 
 class Export(Strict):
@@ -257,7 +257,35 @@ class Export(Strict):
     def valid_cells(cls, v: list[str]) -> list[str]:
         for c in v:
             if not EXPORT_CELL.match(str(c)):
-                raise ValueError(f"cell {c!r} is not <source>-s<seed>-w<B>a<B> (e.g. zeroq-s0-w8a8)")
+                raise ValueError(f"cell {c!r} is not <source>-s<seed>-w<B>a<B>[-ft] (e.g. zeroq-s0-w8a8)")
+        return v
+
+
+class FinetuneTrain(Strict):
+    epochs: int = PosInt
+    batch_size: int = PosInt
+    lr: float = Field(gt=0)
+    act_lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    crop_padding: int = Field(ge=0)
+    flip: bool = True
+    seed: int = Field(ge=0)
+
+
+class Finetune(Strict):
+    """Data-free fine-tuning of the cells finetune.sources x generate.seeds x finetune.bits (dfq.finetune)."""
+    sources: list[str] = []
+    bits: list[str] = []
+    num_images: int = PosInt
+    train: FinetuneTrain
+
+    @field_validator("sources", "bits")
+    @classmethod
+    def distinct(cls, v: list[str]) -> list[str]:
+        repeated = sorted({x for x in v if v.count(x) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(repr, repeated))} repeated")
         return v
 
 
@@ -270,11 +298,35 @@ class Params(Strict):
     evaluate: Evaluate
     track: Track
     export: Export = Export()
+    finetune: Finetune
+
+    @model_validator(mode="after")
+    def finetune_cells_are_calibrated(self):
+        f = self.finetune
+        if not f.sources:
+            return self
+        bad = [s for s in f.sources if s not in self.generate.sources]
+        if bad:
+            raise ValueError(f"finetune.sources: {', '.join(map(repr, bad))} not in generate.sources")
+        bad = [b for b in f.bits if b not in self.quantize.bits + self.quantize.mixed.cells]
+        if not f.bits or bad:
+            raise ValueError(f"finetune.bits: {', '.join(map(repr, bad)) or '[]'}: list calibrated cells (from "
+                             "quantize.bits or quantize.mixed.cells) to fine-tune, or use finetune.sources: []")
+        if f.num_images < self.data.num_images:
+            raise ValueError(f"finetune.num_images={f.num_images} is below data.num_images={self.data.num_images}: "
+                             "fine-tuning uses the calibration set and more")
+        if f.num_images > self.data.real_pool and any(
+                (self.generate.model_extra or {})[s].get("method", s) == "real" for s in f.sources):
+            raise ValueError(f"finetune.num_images={f.num_images} is larger than data.real_pool={self.data.real_pool}: "
+                             "raise data.real_pool for a real source")
+        return self
 
     @model_validator(mode="after")
     def export_cells_are_calibrated(self):
         cells = {f"{s}-s{k}-{b}" for s in self.generate.sources for k in self.generate.seeds
                  for b in self.quantize.bits}
+        cells |= {f"{s}-s{k}-{b}-ft" for s in self.finetune.sources for k in self.generate.seeds
+                  for b in self.finetune.bits}  # fine-tuned cells
         missing = [c for c in self.export.cells if c not in cells]
         if missing:
             raise ValueError(f"export.cells: {', '.join(map(repr, missing))} not calibrated by this pipeline "

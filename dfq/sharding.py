@@ -67,13 +67,17 @@ def finished(scratch: Path, i: int) -> bool:
 
 
 def make_batches(source, cfg, base_seed, sizes, shape, model, real, scratch: Path, todo, device="cpu") -> None:
-    """Make the batches in ``todo`` into the scratch folder (each file atomic, the info file last)."""
+    """Make the batches in ``todo`` not finished yet into the scratch folder (each file atomic, the info file
+    last)."""
     from tqdm import tqdm
 
     from dfq import generators
     from dfq.io import save_json, save_torch
 
-    for i in tqdm(todo, desc=f"{source} batches"):
+    done = [i for i in todo if finished(scratch, i)]
+    if done:
+        print(f"resuming: {len(done)} of {len(todo)} batches already made in {scratch}", flush=True)
+    for i in tqdm([i for i in todo if i not in done], desc=f"{source} batches"):
         seed = generators.batch_seed(base_seed, i)
         if real is not None:
             start = sum(sizes[:i])
@@ -90,15 +94,16 @@ def make_batches(source, cfg, base_seed, sizes, shape, model, real, scratch: Pat
         save_json({"batch": i, "seed": seed, "shape": list(x.shape), **info}, scratch / f"info_{i:05d}.json")
 
 
-def assemble(out: Path, meta: dict, num_batches: int, scratch: Path) -> None:
-    """Copy the finished batches into the stage output (atomically) and drop the scratch folder."""
+def assemble(out: Path, meta: dict, batches: int | range, scratch: Path) -> None:
+    """Copy the finished batches (``batches``: their indices, or their count from 0) into the stage output
+    (atomically) and drop the scratch folder."""
     import shutil
 
     from dfq.io import atomic_dir, save_json
 
     with atomic_dir(out) as tmp:
         infos = []
-        for i in range(num_batches):
+        for i in range(batches) if isinstance(batches, int) else batches:
             for name in (f"batch_{i:05d}.pt", f"margins_{i:05d}.pt"):
                 if (scratch / name).is_file():
                     shutil.copyfile(scratch / name, tmp / name)

@@ -74,8 +74,19 @@ def cell_quantize_params(quantize: dict, bits: str) -> dict:
 
 
 def calibrate_stage(source: str, seed: int, bits: str) -> str:
-    """The DVC stage that calibrates a cell: calibrate@<source>-<seed>-<bits>, calibrate_mixed@... for mp cells."""
+    """The DVC stage that makes a cell's model: calibrate@<source>-<seed>-<bits>, calibrate_mixed@... for mp
+    cells, finetune@<source>-<seed>-<bits> for a fine-tuned cell <bits>-ft."""
+    if bits.endswith("-ft"):
+        return f"finetune@{source}-{seed}-{bits.removesuffix('-ft')}"
     return f"calibrate{'_mixed' * bits.startswith('mp')}@{source}-{seed}-{bits}"
+
+
+def lock_md5(lock: dict, stage: str, path: str) -> str:
+    """The md5 dvc.lock records for the output ``path`` of ``stage`` ('unknown' when absent)."""
+    for out in lock.get("stages", {}).get(stage, {}).get("outs", []):
+        if out["path"] == path:
+            return out["md5"]
+    return "unknown"
 
 
 def mixed_run_extras(cell: str, calib_dir="metrics/calibrate", heatmap_dir="reports/sensitivity"):

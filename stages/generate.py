@@ -4,8 +4,9 @@ Sources: gaussian (N(0, 1) noise), zeroq (BN-statistic matching), dsg (slack mar
 sample enhancement; its margins are saved beside each batch) and real (data.num_images drawn by seed
 from the data stage's pool). Batch i is made from the seed derived from (seed, i), so batches are
 independent; every source gets the same batches (data.num_images in generate.batch_size).
-DFQ_GEN_PROCS=N (environment, not a param) shards the batches over N torchrun processes; finished
-batches survive a kill in .dfq-scratch/ and a rerun makes only the missing ones.
+`generate SOURCE SEED finetune` (stage generate_finetune) continues the set up to finetune.num_images: the
+batches after the calibration set's, into data/finetune/<source>-s<seed>/. DFQ_GEN_PROCS=N (environment) shards
+the batches over N torchrun processes; finished batches survive a kill in .dfq-scratch/ (rerun: the missing ones).
 """
 import os
 import sys
@@ -16,8 +17,8 @@ from stages._common import device, load_params, setup_torch
 CODE = ["dfq/generators.py", "dfq/losses.py", "dfq/bn_stats.py", "dfq/sharding.py", "stages/generate.py"]
 
 
-def main(source: str, seed: int) -> None:
-    data_p, gen_p = load_params("data", "generate")
+def main(source: str, seed: int, extend: bool = False) -> None:
+    data_p, gen_p, ft_p = load_params("data", "generate", "finetune")
     torch = setup_torch()
     from dfq import generators, sharding
     from dfq.io import load_torch
@@ -31,8 +32,9 @@ def main(source: str, seed: int) -> None:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     model, meta = load_checkpoint("models/fp32.pt")
-    model.to(device())
     sizes, name = generators.batch_sizes(data_p["num_images"], gen_p["batch_size"]), generators.set_name(source, seed)
+    first, n = (len(sizes), ft_p["num_images"] - data_p["num_images"]) if extend else (0, 0)
+    sizes, out = sizes + generators.batch_sizes(n, gen_p["batch_size"]), Path("data/finetune" if extend else "data/calib", name)
     shape = tuple(meta["input_spec"]["shape"])
     key = sharding.scratch_key({"source": source, "cfg": cfg, "seed": seed, "sizes": sizes, "shape": shape,
                                 "threads": torch.get_num_threads()}, ["models/fp32.pt", *CODE])
@@ -40,18 +42,15 @@ def main(source: str, seed: int) -> None:
     rank, size = sharding.world()
     sharding.init(device())
     try:
-        real = (generators.real_subset(load_torch("data/prepared/calib_real.pt"), data_p["num_images"], seed)
-                if method == "real" else None)
-        mine = sharding.my_batches(len(sizes), rank, size)
-        done = [i for i in mine if sharding.finished(scratch, i)]
-        if done:
-            print(f"resuming: {len(done)} of {len(mine)} batches already made in {scratch}", flush=True)
-        sharding.make_batches(source, cfg, seed, sizes, shape, model, real, scratch,
-                              [i for i in mine if i not in done], device())
+        pool = load_torch("data/prepared/calib_real.pt") if method == "real" else None
+        real = None if pool is None else torch.cat([generators.real_subset(pool, data_p["num_images"], seed),
+                                                    generators.real_subset(pool, n, seed, skip=data_p["num_images"])])
+        mine = [i for i in sharding.my_batches(len(sizes), rank, size) if i >= first]
+        sharding.make_batches(source, cfg, seed, sizes, shape, model.to(device()), real, scratch, mine, device())
         sharding.barrier()
         if rank == 0:
-            sharding.assemble(Path("data/calib", name), {"source": source, "method": method, "params": cfg,
-                              "seed": seed, "batch_size": sizes[0]}, len(sizes), scratch)
+            sharding.assemble(out, {"source": source, "method": method, "params": cfg, "seed": seed,
+                                    "batch_size": sizes[0]}, range(first, len(sizes)), scratch)
     except (ValueError, FloatingPointError) as exc:
         raise SystemExit(f"generate@{name}: {exc} (nothing was written)") from None
     except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -60,20 +59,20 @@ def main(source: str, seed: int) -> None:
     finally:
         sharding.finish()
     if rank == 0:
-        print(f"{name}: {sum(sizes)} images in {len(sizes)} batches -> data/calib/{name}/")
+        print(f"{name}: {sum(sizes[first:])} images in {len(sizes) - first} batches -> {out}/")
 
 
-def launch(source: str, seed: str) -> None:
+def launch(source: str, seed: str, *mode: str) -> None:
     """DFQ_GEN_PROCS=N > 1 outside torchrun: relaunch this stage under torchrun with N processes."""
     procs = int(os.environ.get("DFQ_GEN_PROCS", "1") or 1)
     if procs > 1 and "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("DFQ_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
         os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc_per_node={procs}", "-m", "stages.generate", source, seed])
-    main(source, int(seed))
+                                   f"--nproc_per_node={procs}", "-m", "stages.generate", source, seed, *mode])
+    main(source, int(seed), mode == ("finetune",))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or not sys.argv[2].isdigit():
-        raise SystemExit("usage: python -m stages.generate SOURCE SEED   (e.g. zeroq 0)")
-    launch(sys.argv[1], sys.argv[2])
+    if len(sys.argv) not in (3, 4) or not sys.argv[2].isdigit() or sys.argv[3:] not in ([], ["finetune"]):
+        raise SystemExit("usage: python -m stages.generate SOURCE SEED [finetune]   (e.g. zeroq 0)")
+    launch(*sys.argv[1:])

@@ -8,16 +8,17 @@ from stages._common import load_params, setup_torch
 
 
 def main() -> None:
-    gen_p, quant_p = load_params("generate", "quantize")
+    gen_p, quant_p, ft_p = load_params("generate", "quantize", "finetune")
     sources, seeds, uniform, mixed = gen_p["sources"], gen_p["seeds"], quant_p["bits"], quant_p["mixed"]["cells"]
-    bits = uniform + mixed
+    tuned = [f"{b}-ft" for b in ft_p["bits"]] if ft_p["sources"] else []
+    bits = uniform + mixed + tuned
     setup_torch()
     from dfq import report
     from dfq.io import load_torch
 
     fp32 = json.loads(Path("metrics/fp32.json").read_text())
     try:
-        cells = report.set_metrics(sources, seeds, bits)
+        cells = report.pipeline_cells(sources, seeds, uniform + mixed, ft_p)
     except FileNotFoundError as exc:
         raise SystemExit(str(exc)) from None
     agg = report.aggregate(cells)
@@ -37,12 +38,14 @@ def main() -> None:
         "MB:\n\n" + report.size_table(agg, sources, bits) + "\n![top-1 vs size](size_vs_top1.png)\n"
         + ("\n## Mixed-precision allocations\n\nWeight bits per layer (* fixed by the protocol); heat maps and "
            "frontiers: `reports/sensitivity/<source>-s<seed>.png`.\n\n" + report.allocations_table(allocs)
-           if allocs else "") + "\n## Quantizer\n\n"
+           if allocs else "") + ("\n## Data-free fine-tuning\n\nTop-1 %, mean ± std over seeds (`<bits>-FT` columns above); "
+                                 "README, dfq/finetune.py.\n\n" + report.finetune_table(agg, ft_p["sources"], ft_p["bits"])
+                                 if tuned else "") + "\n## Quantizer\n\n"
         + report.calibration_table(cells, agg, sources, bits) + "\n## Diversity of the calibration sets\n\n"
         + "Mean over seeds.\n\n" + report.diversity_table(diversity)
         + "\n![BN-statistic spread](bn_spread.png)\n\n![samples](samples.png)\n", "reports/results.md")
     report.plot_accuracy_vs_bits(fp32, agg, sources, uniform, "reports/accuracy_vs_bits.png")
-    report.plot_size_vs_top1(fp32, agg, sources, bits, "reports/size_vs_top1.png")
+    report.plot_size_vs_top1(fp32, agg, sources, uniform + mixed, "reports/size_vs_top1.png")
     report.plot_bn_spread(diversity, "reports/bn_spread.png")
     spec = json.loads(Path("data/prepared/meta.json").read_text())["input_spec"]
     samples = {s: load_torch(sorted(Path("data/calib", f"{s}-s{seeds[0]}").glob("batch_*.pt"))[0])[:8]

@@ -14,22 +14,17 @@ ARTIFACTS = ["reports/results.md", "reports/accuracy_vs_bits.png", "reports/size
              "reports/samples.png"]
 
 
-def lock_md5(lock: dict, stage: str, path: str) -> str:
-    for out in lock.get("stages", {}).get(stage, {}).get("outs", []):
-        if out["path"] == path:
-            return out["md5"]
-    return "unknown"
-
-
 def main() -> None:
-    data_p, model_p, train_p, gen_p, quant_p, track_p = load_params("data", "model", "train", "generate", "quantize", "track")
+    data_p, model_p, train_p, gen_p, quant_p, track_p, ft_p = load_params("data", "model", "train", "generate", "quantize",
+                                                                         "track", "finetune")
     from dfq import report, tracking
+    from dfq.tracking import lock_md5
 
     root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
     lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     fp32 = json.loads(Path("metrics/fp32.json").read_text())
-    cells = report.set_metrics(gen_p["sources"], gen_p["seeds"], quant_p["bits"] + quant_p["mixed"]["cells"])
+    cells = report.pipeline_cells(gen_p["sources"], gen_p["seeds"], quant_p["bits"] + quant_p["mixed"]["cells"], ft_p)
     common = {"git_commit": commit or "unknown", "dvc_stage": os.environ.get("DVC_STAGE", "track"),
               "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
               "fp32_model_md5": lock_md5(lock, "fp32", "models/fp32.pt")}
@@ -45,7 +40,8 @@ def main() -> None:
         params = {"source": s, "seed": k, "bits": b, "data": data_p, "model": model_p,
                   "train": {} if model_p.get("weights") else train_p,
                   "generate": {"batch_size": gen_p["batch_size"], s: gen_p[s]},
-                  "quantize": tracking.cell_quantize_params(quant_p, b)}
+                  "quantize": tracking.cell_quantize_params(quant_p, b),
+                  **({"finetune": {"num_images": ft_p["num_images"], "train": ft_p["train"]}} if b.endswith("-ft") else {})}
         runs.append(tracking.Cell(
             run_name=f"{name}-{b}", params=params,
             metrics={**base, "top1": m["top1"], "top5": m["top5"], "top1_drop": fp32["top1"] - m["top1"],
@@ -53,7 +49,8 @@ def main() -> None:
                      **({"calibration_seconds": m["calibration_seconds"]} if m["calibration_seconds"] else {}),
                      **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}, **ex_m, **mx_m,
                      **({"weight_mb": m["weight_mb"]} if m.get("weight_mb", -1) >= 0 else {})},
-            tags={**common, "source": s, "seed": str(k), "bits": b, "synthetic_data_md5": data_md5, **ex_t},
+            tags={**common, "source": s, "seed": str(k), "bits": b, "synthetic_data_md5": data_md5, **ex_t,
+                  **({"finetune": "true"} if b.endswith("-ft") else {})},
             artifacts=ARTIFACTS + ex_a + mx_a, texts=mx_t,
             inputs={"data_md5": data_md5, "quant_md5": lock_md5(lock, tracking.calibrate_stage(s, k, b),
                                                                  f"models/quant/{name}-{b}.pt")}))

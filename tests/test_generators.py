@@ -44,3 +44,15 @@ def test_non_finite_loss_names_the_iteration(tiny_bn):
 
     with pytest.raises(FloatingPointError, match="batch 3.*iteration 0"):
         optimize_images(tiny_bn, torch.randn(2, 1, 8, 8), bad, iterations=5, lr=0.1, patience=1, min_lr=0, desc="batch 3")
+
+
+def test_real_subset_continued_is_disjoint_and_leaves_the_set_unchanged():
+    from dfq.generators import real_subset
+
+    pool = torch.arange(100, dtype=torch.float32).view(100, 1)
+    first = real_subset(pool, 20, seed=3)
+    more = real_subset(pool, 30, seed=3, skip=20)
+    assert torch.equal(first, real_subset(pool, 20, seed=3))
+    assert len(set(first.flatten().tolist()) | set(more.flatten().tolist())) == 50  # disjoint draws
+    with pytest.raises(ValueError, match="raise data.real_pool"):
+        real_subset(pool, 90, seed=3, skip=20)

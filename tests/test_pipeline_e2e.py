@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -268,6 +269,61 @@ def test_mixed_precision_cells(repo, env):
     alloc = json.loads((repo / "metrics/calibrate/zeroq-s0-mp5a8.json").read_text())["allocation"]
     assert {r["bits"] for r in alloc["layers"]} <= {2, 4, 8}
     set_param(repo, "quantize.mixed.cells", [])  # the tests below count the runs of uniform cells only
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"report", "track"}
+
+
+def test_finetune_cells(repo, env):
+    """Fine-tuning a cell adds its set's extra images, its finetune and evaluate_finetune stages (nothing upstream
+    reruns), a results section and MLflow runs; a training param reruns the fine-tuning only; a fine-tuning killed
+    mid-run resumes from its last epoch and ends with the weights of an uninterrupted run."""
+    before = len(mlflow_runs(repo))
+    fp32 = json.loads((repo / "metrics/fp32.json").read_text())
+    set_param(repo, "finetune.sources", ["zeroq"])
+    set_param(repo, "finetune.bits", ["w8a8"])
+    set_param(repo, "finetune.num_images", 24)
+    set_param(repo, "finetune.train.epochs", 2)
+    set_param(repo, "finetune.train.batch_size", 8)
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate_finetune@zeroq-0", "finetune@zeroq-0-w8a8",
+                                                     "evaluate_finetune@zeroq-0-w8a8", "report", "track"}
+    extra = sorted(p.name for p in (repo / "data/finetune/zeroq-s0").glob("batch_*.pt"))
+    assert extra == ["batch_00001.pt", "batch_00002.pt"]  # the calibration set's batch 0, continued
+    assert not torch_equal(torch_load(repo / "data/calib/zeroq-s0/batch_00000.pt"),
+                           torch_load(repo / "data/finetune/zeroq-s0/batch_00001.pt"))
+    ft = json.loads((repo / "metrics/finetune/zeroq-s0-w8a8-ft.json").read_text())
+    assert ft["images"] == 24 and len(ft["loss_per_epoch"]) == 2 and ft["steps"] == 6 and ft["finetune_from"] == "qdrop"
+    cell = json.loads((repo / "metrics/eval/zeroq-s0-w8a8-ft.json").read_text())
+    assert cell["bits"] == "w8a8-ft" and cell["rounding"] == "finetune" and abs(cell["top1"] - fp32["top1"]) < 3
+    results = (repo / "reports/results.md").read_text()
+    assert "## Data-free fine-tuning" in results and "| W8A8-FT |" in results
+    assert table_row(results, "zeroq")[-1] == f"{cell['top1']:.2f} ({cell['top5']:.2f})"
+    runs = mlflow_runs(repo)
+    assert len(runs) == before + 2  # the fine-tuned cell's run and its aggregate
+    tuned = next(r for r in runs if r.data.tags["bits"] == "w8a8-ft" and r.data.tags["seed"] == "0")
+    assert tuned.data.tags["finetune"] == "true" and tuned.data.params["finetune.train.epochs"] == "2"
+    assert tuned.data.metrics["top1"] == pytest.approx(cell["top1"])
+
+    set_param(repo, "finetune.train.epochs", 60)
+    assert ran(sh(["dvc", "repro"], repo, env)) == {"finetune@zeroq-0-w8a8", "evaluate_finetune@zeroq-0-w8a8",
+                                                     "report", "track"}
+    whole = torch_load(repo / "models/quant/zeroq-s0-w8a8-ft.pt")["state_dict"]
+    # kill the stage (SIGKILL, its whole process group) once its first epoch checkpoint exists, then rerun it
+    cmd = [sys.executable, "-m", "stages.finetune", "zeroq-s0", "w8a8"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not list((repo / ".dfq-scratch/finetune").glob("*/state.pt")) and time.time() < deadline:
+        assert proc.poll() is None, "the fine-tuning ended before its first checkpoint was seen"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = sh(cmd, repo, env)
+    assert "resuming from" in out
+    resumed = json.loads((repo / "metrics/finetune/zeroq-s0-w8a8-ft.json").read_text())["resumed_from_epoch"]
+    assert 1 <= resumed < 60
+    again = torch_load(repo / "models/quant/zeroq-s0-w8a8-ft.pt")["state_dict"]
+    assert whole.keys() == again.keys() and all(torch_equal(whole[k], again[k]) for k in whole)
+    assert not list((repo / ".dfq-scratch/finetune").glob("*/state.pt"))  # the scratch is dropped when done
+    set_param(repo, "finetune.sources", [])  # the tests below count the runs of uniform cells only
     assert ran(sh(["dvc", "repro"], repo, env)) == {"report", "track"}
 
 

@@ -1,5 +1,6 @@
 """At least 30 distinct bad inputs, each rejected with a message naming the param and what is allowed."""
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,15 @@ BAD = [
     ("evaluate.batch_size", 0, "evaluate.batch_size: Input should be greater than 0"),
     ("track.experiment", "", "track.experiment: String should have at least 1 character"),
     ("track", DELETE, "track: Field required"),
+    ("finetune", DELETE, "finetune: Field required"),
+    ("finetune.sources", ["nope"], "finetune.sources: 'nope' not in generate.sources"),
+    ("finetune.sources", ["zeroq", "zeroq"], "finetune.sources: 'zeroq' repeated"),
+    ("finetune.num_images", 0, "finetune.num_images: Input should be greater than 0"),
+    ("finetune.train.epochs", 0, "finetune.train.epochs: Input should be greater than 0"),
+    ("finetune.train.lr", 0, "finetune.train.lr: Input should be greater than 0"),
+    ("finetune.train.schedule", "step", "finetune.train.schedule: Input should be 'cosine' or 'constant'"),
+    ("finetune.train.crop_padding", -1, "finetune.train.crop_padding: Input should be greater than or equal to 0"),
+    ("finetune.train.momentum", 0.9, "finetune.train.momentum: Extra inputs"),
 ]
 
 
@@ -273,3 +283,24 @@ def test_mixed_cells_and_candidates():
     assert validate(with_change("quantize.mixed.cells", [])).quantize.mixed.cells == []  # no mixed cell: no mixed stage
     with pytest.raises(ParamsError, match=r"'mp3a4' asks for 3 average weight bits, outside .*\(4..8 bits\)"):
         validate(with_change("quantize.mixed", {"cells": ["mp3a4"], "candidates": [4, 8]}))
+
+
+def test_finetune_cells_must_be_calibrated_and_have_their_images():
+    p = with_change("finetune.sources", ["zeroq", "real"])
+    assert validate(p).finetune.bits == ["w4a4"]
+    p["export"]["cells"] = ["zeroq-s0-w4a4-ft"]  # a fine-tuned cell exports like any other
+    validate(p)
+    for key, value, message in [
+            ("finetune.bits", ["w3a3"], "finetune.bits: 'w3a3': list calibrated cells"),
+            ("finetune.bits", [], "finetune.bits: []: list calibrated cells"),
+            ("finetune.num_images", 100, "finetune.num_images=100 is below data.num_images=256"),
+            ("finetune.num_images", 4096, "finetune.num_images=4096 is larger than data.real_pool=2048")]:
+        bad = copy.deepcopy(p)
+        bad["finetune"][key.split(".")[1]] = value
+        with pytest.raises(ParamsError, match=re.escape(message)):
+            validate(bad)
+    p["finetune"]["bits"] = ["mp4a4"]  # a mixed cell fine-tunes too
+    p["export"]["cells"] = []
+    validate(p)
+    with pytest.raises(ParamsError, match="export.cells: 'gaussian-s0-w4a4-ft' not calibrated"):
+        validate(with_change("export.cells", ["gaussian-s0-w4a4-ft"]))
