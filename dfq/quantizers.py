@@ -248,9 +248,10 @@ class ActFakeQuantize(nn.Module):
             self.observer(x)
             return x
         qmax = 2**self.bits - 1
-        if self.scale_param is not None:
+        if self.scale_param is not None:  # the step fix_scale keeps, |s|: a gradient step across 0 is no sign flip
             xq = torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale_param, self.zero_point.float().reshape(1), 0, qmax, 1.0 / (x.numel() * qmax) ** 0.5)
+                x, self.scale_param.abs().clamp_min(1e-8), self.zero_point.float().reshape(1), 0, qmax,
+                1.0 / (x.numel() * qmax) ** 0.5)
         else:
             key = (self.scale._version, self.zero_point._version, self.scale.data_ptr())
             if getattr(self, "_qp_key", None) != key:  # python scalars for the fused op, read once

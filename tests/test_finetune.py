@@ -89,6 +89,25 @@ def test_weights_stay_on_their_grid_and_export_as_integers(narrow_resnet):
     assert (run(session(data, threads=1), x) - ref).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
+def test_the_stored_model_computes_what_was_trained(narrow_resnet, protocol):
+    """The model after fine-tuning (steps fixed, weights snapped to their grid) gives the outputs of the model
+    in training at its last epoch, even where a large step size learning rate pushed a step across zero."""
+    images, x = _images(), _images(16) * 0.9
+    student, seen = _student(_teacher(narrow_resnet), images, protocol=protocol), {}
+
+    def last(epoch, loss):
+        with torch.no_grad():
+            seen["y"] = student(x)
+            seen["negative"] = sum(float(fq.scale_param) < 0 for fq in act_quantizers(student))
+
+    finetune(student, _teacher(narrow_resnet), images, FinetuneConfig(epochs=3, batch_size=16, lr=0.1, act_lr=0.1),
+             on_epoch=last, progress=False)
+    assert seen["negative"] > 0  # the case this guards
+    with torch.no_grad():
+        assert torch.allclose(student(x), seen["y"], atol=1e-5)
+
+
 def test_resume_after_a_kill_gives_the_same_weights(narrow_resnet, tmp_path):
     images = _images()
     cfg = FinetuneConfig(epochs=3, batch_size=16, lr=0.02, act_lr=1e-3)
