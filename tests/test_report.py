@@ -108,3 +108,25 @@ def test_mixed_cells_sizes_allocations_and_the_size_plot(tmp_path):
     out = tmp_path / "size.png"
     report.plot_size_vs_top1({"top1": 92.0, "top5": 99.5}, agg, ["zeroq", "real"], bits, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finetuned_cells_join_the_table_with_their_gain_and_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for d in ("metrics/eval", "metrics/calibrate", "metrics/finetune"):
+        (tmp_path / d).mkdir(parents=True)
+    for s, k, b, top1 in [("zeroq", 0, "w4a4", 70.0), ("zeroq", 1, "w4a4", 72.0), ("real", 0, "w4a4", 74.0),
+                          ("real", 1, "w4a4", 74.0), ("zeroq", 0, "w4a4-ft", 75.0), ("zeroq", 1, "w4a4-ft", 79.0)]:
+        (tmp_path / f"metrics/eval/{s}-s{k}-{b}.json").write_text(json.dumps({"top1": top1, "top5": 99.0}))
+        kind = "finetune" if b.endswith("-ft") else "calibrate"
+        (tmp_path / f"metrics/{kind}/{s}-s{k}-{b}.json").write_text(json.dumps({"seconds": 100.0 + k}))
+    ft = {"sources": ["zeroq"], "bits": ["w4a4"]}
+    cells = report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], ft)
+    assert len(cells) == 6 and list(cells["bits"]).count("w4a4-ft") == 2
+    assert len(report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], {"sources": [], "bits": ["w4a4"]})) == 4
+    agg = report.aggregate(cells)
+    assert "| zeroq | W4A4 | 71.00 ± 1.41 | 77.00 ± 2.83 | +6.00 | 100 | 2 |" in report.finetune_table(agg, ["zeroq"], ["w4a4"])
+    table = report.results_table({"top1": 81.0, "top5": 99.0}, agg, ["zeroq", "real"], ["w4a4", "w4a4-ft"])
+    assert "| real | 2 | 81.00 (99.00) | 74.00 ± 0.00 (99.00) | n/a |" in table  # real is not fine-tuned
+    assert "| real | 0 | 74.00 | n/a |" in report.seeds_table(cells, ["w4a4", "w4a4-ft"])
+    with pytest.raises(FileNotFoundError, match="evaluate_finetune@real-0-w4a4"):
+        report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], {"sources": ["real"], "bits": ["w4a4"]})
