@@ -125,8 +125,11 @@ def size_table(agg: pd.DataFrame, sources: list[str], bits: list[str]) -> str:
 
 def allocation_markdown(alloc: dict) -> str:
     """One mixed cell's allocation (``allocation`` of its metrics/calibrate JSON) as a markdown table."""
-    head = (f"Budget {alloc['budget_avg_bits']:g} average weight bits over {alloc['allocatable_params']} allocatable "
-            f"weights: {alloc['avg_bits']:.3f} reached, summed KL {alloc['kl_sum']:.4g}.\n\n")
+    budget = (f"{alloc['budget_avg_bits']:g} average weight bits over {alloc['allocatable_params']} allocatable weights"
+              if "budget_avg_bits" in alloc else f"{alloc['budget_mb']:g} MB of quantized weights")
+    size = f" ({alloc['weight_mb']:.4g} MB)" if "weight_mb" in alloc else ""
+    head = (f"Budget {budget}: {alloc['avg_bits']:.3f} average weight bits reached{size}, summed KL "
+            f"{alloc['kl_sum']:.4g}.\n\n")
     lines = ["| layer | weights | bits | KL at these bits |", "|---|---|---|---|"]
     for r in alloc["layers"]:
         kl = "fixed by the protocol" if r["fixed"] else f"{r['kl']:.3g}"

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dfq.generators import INITS, PROBES, SOURCES
 from dfq.observers import ACT_METHODS
-from dfq.quantizers import parse_bits, parse_mixed
+from dfq.quantizers import mixed_budget, parse_bits, parse_mixed
 
 PosInt = Field(gt=0)
 
@@ -198,8 +198,8 @@ class Mixed(Strict):
     def budgets_reachable(self):
         lo, hi = min(self.candidates), max(self.candidates)
         for c in self.cells:
-            avg = parse_mixed(c)[0]
-            if not lo <= avg <= hi:
+            kind, avg, _ = mixed_budget(c)
+            if kind == "bits" and not lo <= avg <= hi:  # a size budget is checked against the model when allocated
                 raise ValueError(f"quantize.mixed.cells: {c!r} asks for {avg:g} average weight bits, outside the range "
                                  f"of quantize.mixed.candidates ({lo}..{hi} bits)")
         return self
@@ -245,7 +245,7 @@ class Track(Strict):
     experiment: str = Field(min_length=1)
 
 
-EXPORT_CELL = re.compile(r"^[A-Za-z0-9_]+-s\d+-w[2-8]a[2-8](-ft)?$")
+EXPORT_CELL = re.compile(r"^[A-Za-z0-9_]+-s\d+-(w[2-8]a[2-8]|mp[0-9.]+(mb)?a[2-8])(-ft)?$")
 
 
 class Export(Strict):
@@ -257,7 +257,7 @@ class Export(Strict):
     def valid_cells(cls, v: list[str]) -> list[str]:
         for c in v:
             if not EXPORT_CELL.match(str(c)):
-                raise ValueError(f"cell {c!r} is not <source>-s<seed>-w<B>a<B>[-ft] (e.g. zeroq-s0-w8a8)")
+                raise ValueError(f"cell {c!r} is not <source>-s<seed>-<bits>[-ft] (e.g. zeroq-s0-w8a8, zeroq-s0-mp4a4)")
         return v
 
 
@@ -324,14 +324,14 @@ class Params(Strict):
     @model_validator(mode="after")
     def export_cells_are_calibrated(self):
         cells = {f"{s}-s{k}-{b}" for s in self.generate.sources for k in self.generate.seeds
-                 for b in self.quantize.bits}
+                 for b in self.quantize.bits + self.quantize.mixed.cells}
         cells |= {f"{s}-s{k}-{b}-ft" for s in self.finetune.sources for k in self.generate.seeds
                   for b in self.finetune.bits}  # fine-tuned cells
         missing = [c for c in self.export.cells if c not in cells]
         if missing:
             raise ValueError(f"export.cells: {', '.join(map(repr, missing))} not calibrated by this pipeline "
                              "(cells are <source>-s<seed>-<bits> from generate.sources x generate.seeds x "
-                             "quantize.bits); list calibrated cells or use export.cells: []")
+                             "quantize.bits or quantize.mixed.cells); list calibrated cells or use export.cells: []")
         return self
 
 

@@ -154,22 +154,34 @@ def load_measurement(path, protocol: str, weight_scheme: str, weight_range: str)
     return sens
 
 
-def allocate_cell(sens: dict, avg_bits: float) -> tuple[dict[str, int], dict]:
-    """The allocation of a mixed cell at ``avg_bits`` average weight bits over the allocatable layers:
-    the bits of every weight layer (fixed ones included, for ``prepare``), and a summary: the budget,
-    the average reached, the summed KL and one row per layer (name, params, bits, KL at those bits,
-    fixed)."""
+def allocate_cell(sens: dict, budget: float | str) -> tuple[dict[str, int], dict]:
+    """The allocation of a mixed cell: the bits of every weight layer (fixed ones included, for ``prepare``), and a
+    summary: the budget, the average reached, the summed KL and one row per layer (name, params, bits, KL at
+    those bits, fixed). ``budget``: average weight bits over the allocatable layers, or a cell name
+    ('mp4a4': the same; 'mp0.03mba4': at most 0.03 MB for every quantized weight, the fixed layers' 8 bits
+    included, as ``dfq.quantize.weight_size`` counts it)."""
+    from dfq.quantizers import mixed_budget
+
+    kind, value = ("bits", float(budget)) if not isinstance(budget, str) else mixed_budget(budget)[:2]
     rows = _allocatable(sens)
     params = [r["params"] for r in rows]
-    budget = budget_bits(avg_bits, params)
-    bits, size, cost = allocate([r["kl"] for r in rows], params, sens["candidates"], budget)
+    fixed_bits = sum(r["params"] * r["fixed_bits"] for r in sens["layers"] if r["fixed_bits"])
+    if kind == "bits":
+        limit = budget_bits(value, params)
+    else:
+        limit = math.floor(Fraction(str(value)) * 8 * 10**6) - fixed_bits
+        smallest = (fixed_bits + sum(params) * min(sens["candidates"])) / 8e6
+        if limit < sum(params) * min(sens["candidates"]):
+            raise ValueError(f"mixed cell {budget!r}: the smallest model takes {smallest:.6g} MB ({min(sens['candidates'])}"
+                             f"-bit allocatable layers{', 8-bit fixed layers' if fixed_bits else ''}); raise the budget")
+    bits, size, cost = allocate([r["kl"] for r in rows], params, sens["candidates"], limit)
     chosen = dict(zip((r["name"] for r in rows), bits))
     table = [{"name": r["name"], "params": r["params"], "bits": r["fixed_bits"] or chosen[r["name"]],
               "kl": None if r["fixed_bits"] else r["kl"][sens["candidates"].index(chosen[r["name"]])],
               "fixed": r["fixed_bits"] is not None} for r in sens["layers"]]
     return {r["name"]: r["bits"] for r in table}, {
-        "budget_avg_bits": avg_bits, "budget_bits": budget, "avg_bits": size / sum(params), "kl_sum": cost,
-        "allocatable_params": sum(params), "layers": table}
+        "budget_avg_bits" if kind == "bits" else "budget_mb": value, "budget_bits": limit, "avg_bits": size / sum(params),
+        "weight_mb": (size + fixed_bits) / 8e6, "kl_sum": cost, "allocatable_params": sum(params), "layers": table}
 
 
 def uniform_costs(sens: dict) -> dict[int, float]:

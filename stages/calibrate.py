@@ -39,7 +39,7 @@ def main(source: str, bits: str) -> None:
         from dfq.sensitivity import allocate_cell, load_measurement  # not a dep of uniform cells
         try:
             layer_bits, alloc = allocate_cell(load_measurement(
-                f"metrics/sensitivity/{source}.json", q["protocol"], q["weight_scheme"], q["weight_range"]), wbits)
+                f"metrics/sensitivity/{source}.json", q["protocol"], q["weight_scheme"], q["weight_range"]), bits)
         except (OSError, ValueError) as exc:
             raise SystemExit(str(exc)) from None
     gm = prepare(model, 8 if alloc else wbits, abits,
@@ -67,7 +67,7 @@ def main(source: str, bits: str) -> None:
                **weight_size(gm), **({"allocation": alloc} if alloc else {})},
               Path("metrics/calibrate") / f"{source}-{bits}.json")
     if alloc:
-        print(f"{source}-{bits}: {alloc['avg_bits']:.3f} average weight bits, summed KL {alloc['kl_sum']:.4g}, "
+        print(f"{source}-{bits}: {alloc['avg_bits']:.3f} average weight bits ({alloc['weight_mb']:.4g} MB), summed KL {alloc['kl_sum']:.4g}, "
               f"bits per layer {' '.join(map(str, layer_bits.values()))}")
     print(f"{source}-{bits}: {info['weight_layers']} weight layers and {info['act_quantizers']} activations "
           f"quantized (protocol {q['protocol']}, rounding {q['rounding']}, {n} images, {seconds:.1f} s) -> {out}")

@@ -207,7 +207,15 @@ def test_parse_mixed(spec, expected):
     assert parse_mixed(spec) == expected and is_mixed(spec) and not is_mixed("w4a4")
 
 
-@pytest.mark.parametrize("spec", ["mp9a4", "mp8.5a4", "mp1a4", "mp4a9", "mp4.0a4", "mp4", "w4a4", "mp.5a4"])
+def test_mixed_budget_in_bits_or_megabytes():
+    from dfq.quantizers import mixed_budget
+
+    assert mixed_budget("mp3.5a8") == ("bits", 3.5, 8)
+    assert mixed_budget("mp0.03mba4") == ("mb", 0.03, 4) and mixed_budget("mp12mba8") == ("mb", 12.0, 8)
+
+
+@pytest.mark.parametrize("spec", ["mp9a4", "mp8.5a4", "mp1a4", "mp4a9", "mp4.0a4", "mp4", "w4a4", "mp.5a4", "mp0mba4",
+                                  "mp0.10mba4", "mp1mba9", "mp1mb"])
 def test_parse_mixed_rejects(spec):
     from dfq.quantizers import parse_mixed
 

@@ -80,6 +80,8 @@ BAD = [
     ("quantize.mixed.cells", ["mp4a9"], "quantize.mixed.cells: mixed cell 'mp4a9' is invalid"),
     ("quantize.mixed.cells", ["mp4.0a4"], "quantize.mixed.cells: mixed cell 'mp4.0a4' is invalid"),
     ("quantize.mixed.cells", ["w4a4"], "quantize.mixed.cells: mixed cell 'w4a4' is invalid"),
+    ("quantize.mixed.cells", ["mp0mba4"], "quantize.mixed.cells: mixed cell 'mp0mba4' is invalid"),
+    ("quantize.mixed.cells", ["mp0.10mba4"], "quantize.mixed.cells: mixed cell 'mp0.10mba4' is invalid"),
     ("quantize.mixed.cells", ["mp4a4", "mp3a4", "mp4a4"], "quantize.mixed.cells: 'mp4a4' repeated"),
     ("quantize.mixed.cells", "mp4a4", "quantize.mixed.cells: Input should be a valid list"),
     ("quantize.mixed.candidates", [], "quantize.mixed.candidates: List should have at least 1 item"),
@@ -248,8 +250,9 @@ def test_export_cells_are_named_cells():
                                               "real-s0-w8a8"]
     assert validate(with_change("export.cells", [])).export.cells == []
     assert validate(with_change("export", DELETE)).export.cells == []  # profiles without the group export nothing
-    with pytest.raises(ParamsError, match=r"export.cells: cell 'zeroq-w8a8' is not <source>-s<seed>-w<B>a<B>"):
+    with pytest.raises(ParamsError, match=r"export.cells: cell 'zeroq-w8a8' is not <source>-s<seed>-<bits>\[-ft\]"):
         validate(with_change("export.cells", ["zeroq-w8a8"]))
+    assert validate(with_change("export.cells", ["dsg-s0-mp4a4"])).export.cells == ["dsg-s0-mp4a4"]  # mixed cells too
     with pytest.raises(ParamsError, match="export.batch_size"):
         validate(with_change("export.batch_size", 0))
 

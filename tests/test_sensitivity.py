@@ -173,3 +173,41 @@ def test_frontier_table_and_saved_measurement(zeroq_sens, tmp_path):
         load_measurement(path, "brecq", "asymmetric", "minmax")
     with pytest.raises(FileNotFoundError, match="run the sensitivity stage"):
         load_measurement(tmp_path / "none.json", "zeroq", "asymmetric", "minmax")
+
+
+@pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
+def test_a_size_budget_in_mb_fits_the_whole_model_and_is_optimal(batches, narrow_resnet, protocol):
+    """mp<M>mba<A>: every quantized weight, the fixed 8-bit layers included, fits M MB (as weight_size counts
+    it), and the summed KL is the brute-force minimum over the allocatable layers under that size."""
+    sens = measure(narrow_resnet(), batches[:1], [2, 4, 8], protocol, "symmetric", "minmax")
+    rows = [r for r in sens["layers"] if r["fixed_bits"] is None]
+    fixed = sum(r["params"] * r["fixed_bits"] for r in sens["layers"] if r["fixed_bits"])
+    total = sum(r["params"] for r in sens["layers"])
+    mb = round((fixed + 4 * sum(r["params"] for r in rows)) / 8e6 * 0.97, 6)  # a little under uniform 4 bits
+    per_layer, alloc = allocate_cell(sens, f"mp{mb:g}mba4")
+    gm = prepare(narrow_resnet(), 8, 4, MinMaxObserver, protocol, "symmetric", layer_bits=per_layer)
+    assert weight_size(gm)["weight_mb"] == pytest.approx(alloc["weight_mb"]) and alloc["weight_mb"] <= mb
+    assert alloc["budget_mb"] == mb and weight_size(gm)["weight_params"] == total
+    if len(rows) <= 10:  # 3^10 choices
+        every = brute_force([r["kl"] for r in rows], [r["params"] for r in rows], [2, 4, 8])
+        best = min(c for s, c, _ in every if s + fixed <= mb * 8e6)
+        assert alloc["kl_sum"] == pytest.approx(best, rel=1e-12)
+    with pytest.raises(ValueError, match=r"mixed cell 'mp0.0001mba4': the smallest model takes .* MB"):
+        allocate_cell(sens, "mp0.0001mba4")
+
+
+def test_a_mixed_cell_exports_with_its_own_bits_per_layer(zeroq_sens, batches, narrow_resnet):
+    """ONNX Runtime runs a mixed model (each layer its own grid, stored in int8) with the fake-quant logits."""
+    from dfq.export import run, session, to_onnx
+    from dfq.quantize import round_biases
+
+    per_layer, _ = allocate_cell(zeroq_sens, "mp3.5a8")
+    gm = prepare(narrow_resnet(), 8, 8, MinMaxObserver, "zeroq", "symmetric", layer_bits=per_layer)
+    calibrate(gm, batches)
+    round_biases(gm)
+    data, records = to_onnx(gm, (1, 1, 16, 16), "zeroq")
+    x = batches[1]
+    with torch.no_grad():
+        ref = gm(x)
+    assert (run(session(data, threads=1), x) - ref).abs().max() < 1e-3
+    assert len(set(per_layer.values())) > 1 and sum(not r["kernel"].startswith("float") for r in records) == 8
