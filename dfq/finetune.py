@@ -100,16 +100,18 @@ def _schedule(cfg: FinetuneConfig, total_steps: int) -> Callable[[int], float]:
 
 def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: FinetuneConfig, device="cpu",
              checkpoint: str | Path | None = None, on_epoch: Callable[[int, float], None] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, int32_biases: bool = False) -> dict:
     """Fine-tune the calibrated fake-quant ``student`` in place towards ``teacher`` on ``images``.
 
     ``checkpoint``: file of the training state, written after every epoch and resumed from when it exists.
-    ``on_epoch(epoch, mean_loss)`` runs after each epoch's checkpoint. Returns a summary: KL before and
-    after (no augmentation), loss per epoch, steps, seconds and the epoch it resumed from."""
+    ``on_epoch(epoch, mean_loss)`` runs after each epoch's checkpoint. ``int32_biases``: an int32-bias cell,
+    whose biases go back on the int32 grid (``dfq.quantize.round_biases``) after training. Returns a summary:
+    KL before and after (no augmentation; after: of the model as stored, biases re-rounded), loss per epoch,
+    steps, seconds, the epoch it resumed from and the number of layers whose biases were re-rounded."""
     from tqdm import tqdm
 
     from dfq.io import load_torch, save_torch
-    from dfq.quantize import act_quantizers
+    from dfq.quantize import act_quantizers, round_biases
 
     student.eval().to(device)
     teacher.eval().to(device)
@@ -177,6 +179,7 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: 
                 m.weight.copy_(m.quantized_weight())
     for p in student.parameters():
         p.requires_grad_(False)
+    biases = round_biases(student) if int32_biases else 0  # before kl_end: the KL of the model as stored
     return {"kl_start": kl_start, "kl_end": mean_kl(student, teacher, images, cfg.batch_size, device),
             "loss_per_epoch": history, "steps": cfg.epochs * per_epoch, "seconds": seconds,
-            "resumed_from_epoch": start_epoch, "images": len(images)}
+            "resumed_from_epoch": start_epoch, "images": len(images), "int32_biases": biases}

@@ -18,7 +18,7 @@ def main(name: str, bits: str) -> None:
     from dfq.finetune import FinetuneConfig, finetune
     from dfq.io import load_torch, save_json, save_torch
     from dfq.models import load_checkpoint
-    from dfq.quantize import load_quantized, round_biases
+    from dfq.quantize import load_quantized
 
     cell = Path("models/quant") / f"{name}-{bits}.pt"
     files = [f for d in ("data/calib", "data/finetune") for f in sorted(Path(d, name).glob("batch_*.pt"))]
@@ -39,8 +39,10 @@ def main(name: str, bits: str) -> None:
     if (scratch / "state.pt").is_file():
         print(f"resuming from {scratch / 'state.pt'}", flush=True)
     print(f"{name}-{bits}: fine-tuning on {len(images)} images, {cfg.epochs} epochs", flush=True)
-    result = finetune(student, teacher, images, cfg, device(), scratch / "state.pt")
-    biases = round_biases(student) if ckpt.get("bias") == "int32" else 0
+    # an int32-bias cell gets its biases back on the int32 grid inside finetune, before kl_end is measured
+    result = finetune(student, teacher, images, cfg, device(), scratch / "state.pt",
+                      int32_biases=ckpt.get("bias") == "int32")
+    biases = result["int32_biases"]
     out = Path("models/quant") / f"{name}-{bits}-ft.pt"
     save_torch({**{k: v for k, v in ckpt.items() if k != "state_dict"}, "rounding": "finetune",
                 "finetune_from": ckpt.get("rounding", "nearest"), "finetune": p["train"], "images": len(images),

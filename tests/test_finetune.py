@@ -183,6 +183,33 @@ def test_bn_affine_parameters_and_step_sizes_are_trained(tiny_bn, protocol, expe
         assert torch.equal(student.get_submodule(bn).running_var, before[f"{bn}.running_var"])
 
 
+@pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
+def test_kl_end_is_the_kl_of_the_stored_model_of_an_int32_bias_cell(narrow_resnet, protocol):
+    """An int32-bias cell: kl_end is the KL(teacher || student) of the model as stored (biases back on the
+    int32 grid, saved and reloaded), computed here from its outputs; the same run without re-rounding reports
+    the KL before it, which differs."""
+    images = _images()
+    teacher = _teacher(narrow_resnet)
+    cfg = FinetuneConfig(epochs=1, batch_size=32, lr=0.05, act_lr=1e-3, crop_padding=0, flip=False)
+    rounded, plain = (_student(_teacher(narrow_resnet), images, 3, 3, protocol) for _ in range(2))
+    out = finetune(rounded, teacher, images, cfg, progress=False, int32_biases=True)
+    before = finetune(plain, teacher, images, cfg, progress=False)  # the same run, biases where training left them
+    assert out["int32_biases"] > 0 and before["int32_biases"] == 0
+    ckpt = {"bits": "w3a3", "protocol": protocol, "weight_scheme": "symmetric", "weight_range": "minmax",
+            "bias": "int32", "state_dict": {k: v.clone() for k, v in rounded.state_dict().items()}}
+    stored = load_quantized(_teacher(narrow_resnet), ckpt)
+    with torch.no_grad():
+        t_logits = teacher(images)
+        kl_stored = _kl_reference(stored(images), t_logits)
+        kl_unrounded = _kl_reference(plain(images), t_logits)
+    assert out["kl_end"] == pytest.approx(kl_stored, rel=1e-5)
+    assert before["kl_end"] == pytest.approx(kl_unrounded, rel=1e-5)
+    assert abs(kl_stored - kl_unrounded) > 1e-3 * kl_stored  # the re-rounding moves the KL: the case this guards
+    assert round_biases(plain) == out["int32_biases"]  # and it is all that separates the two runs
+    a, b = rounded.state_dict(), plain.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_augment_crops_and_flips_per_image_reproducibly():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4) + 1
     a = augment(x, 1, True, torch.Generator().manual_seed(0))
