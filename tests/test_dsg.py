@@ -4,7 +4,7 @@ import torch
 
 from dfq.bn_stats import BNInputStats
 from dfq.generators import compute_margins, dsg_batch, extras_seed, init_images, probe_seed
-from dfq.losses import (dsg_loss, l2_norm_loss, label_loss, lse_weights, sda_loss_matrix, sda_margins,
+from dfq.losses import (dsg_loss, jitter, l2_norm_loss, label_loss, lse_weights, sda_loss_matrix, sda_margins,
                         total_variation_l2, unbiased, zeroq_loss)
 
 
@@ -180,3 +180,35 @@ def test_dsg_batch_optimises_the_loss_it_claims(tiny_bn, recipe):
     for wrong in (zeroq_loss(x0, stats).item(), dsg_loss(x0, stats, None, weights, logits, **kw).item(),
                   dsg_loss(x0, stats, margins, None, logits, **kw).item()):
         assert info["loss_start"] != pytest.approx(wrong, rel=1e-6)
+
+
+def test_jitter_rolls_by_the_offset_hand_computed():
+    """jitter(x, k) moves pixel (i, j) to (i + k, j + k) mod the size: negative offsets move up and left."""
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert jitter(x, 1)[0, 0, 1, 1] == x[0, 0, 0, 0] and jitter(x, 1)[0, 0, 0, 0] == x[0, 0, 3, 3]
+    assert jitter(x, -1)[0, 0, 0, 0] == x[0, 0, 1, 1] and jitter(x, -1)[0, 0, 3, 3] == x[0, 0, 0, 0]
+    assert jitter(x, -2)[0, 0, 0, 1] == x[0, 0, 2, 3]
+    assert jitter(x, 0) is x
+
+
+def test_code_recipe_jitter_offsets_cover_minus_jitter_to_jitter(tiny_bn, monkeypatch):
+    """Every iteration of a code-recipe batch draws a new offset, uniform on {-jitter, ..., jitter - 1}: over 300
+    iterations with jitter 3, each of -3..2 is used (negatives included), nothing outside. The offsets are
+    recorded by wrapping dfq.losses.jitter, which still rolls the batch."""
+    import dfq.losses
+
+    used = []
+    roll = dfq.losses.jitter
+
+    def observed(x, offset):
+        used.append(offset)
+        return roll(x, offset)
+
+    monkeypatch.setattr(dfq.losses, "jitter", observed)
+    dsg_batch(tiny_bn, (2, 1, 8, 8), 4, iterations=300, lr=0.05, sda=False, lse=False, tv_weight=0.01,
+              l2_weight=0.01, jitter=3)
+    assert len(used) == 301  # 300 iterations and the final loss
+    assert all(isinstance(k, int) for k in used)
+    counts = {k: used.count(k) for k in set(used)}
+    assert set(counts) == {-3, -2, -1, 0, 1, 2}, counts
+    assert min(counts.values()) >= 25, counts  # about 50 each: a new draw per iteration, not a few repeated
