@@ -149,6 +149,25 @@ def test_at_least_30_bad_inputs():
     assert not unnamed, f"errors that do not name their key: {unnamed}"
 
 
+# Every weight of a loss term or regulariser, with its least allowed value: the DSG terms (LSE's tied-layer
+# weight counts at least once), AdaRound's rounding regulariser, the weight decays of training and fine-tuning.
+LOSS_WEIGHTS = [
+    ("generate.dsg.tv_weight", 0), ("generate.dsg.l2_weight", 0), ("generate.dsg.label_weight", 0),
+    ("generate.dsg.lse_weight", 1), ("generate.dsg_code.tv_weight", 0), ("generate.dsg_code.l2_weight", 0),
+    ("generate.dsg_code.label_weight", 0), ("generate.dsg_code.lse_weight", 1),
+    ("quantize.reconstruction.reg_weight", 0), ("train.weight_decay", 0), ("finetune.train.weight_decay", 0),
+]
+
+
+@pytest.mark.parametrize("key,least", LOSS_WEIGHTS, ids=[k for k, _ in LOSS_WEIGHTS])
+@pytest.mark.parametrize("value", [-0.01, -2])
+def test_negative_loss_weights_are_one_error_naming_the_key(key, least, value):
+    with pytest.raises(ParamsError) as err:
+        validate(with_change(key, value))
+    assert str(err.value) == f"params.yaml: {key}: Input should be greater than or equal to {least} (got {value})"
+    validate(with_change(key, least))  # the least value itself is allowed
+
+
 def test_not_a_mapping():
     with pytest.raises(ParamsError, match="expected a mapping"):
         validate(["data"])
