@@ -20,6 +20,7 @@ FASHION_MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+FASHION_MNIST_TRAIN_IMAGES = 60000  # the training set: the real pool and the validation split are drawn from it
 # Mean and std of the Fashion-MNIST training images in [0, 1].
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
@@ -113,13 +114,30 @@ def load_fashion_mnist(root: str | Path, cache: str | Path, download: bool = Fal
     return (train.data.clone(), train.targets.clone()), (test.data.clone(), test.targets.clone())
 
 
-def calibration_subset(images: torch.Tensor, num_images: int, seed: int, param: str = "data.real_pool") -> torch.Tensor:
-    """Seeded random choice of ``num_images`` distinct training images (no labels: calibration only)."""
-    if num_images > len(images):
-        raise ValueError(f"{param}={num_images} exceeds the {len(images)} training images")
+def split_indices(n: int, pool: int, val: int, seed: int, pool_param: str = "data.real_pool",
+                  val_param: str = "data.val_images") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (sorted) of the real calibration pool and of the validation split among ``n`` training images.
+
+    One seeded permutation ``randperm(n, Generator().manual_seed(seed))``: the pool is its first ``pool``
+    indices (what the data stage always drew, so the pool does not depend on ``val``), the validation
+    split the next ``val``. Disjoint by construction, so no real calibration or fine-tuning draw (they
+    come from the pool) ever sees a validation image. Too few images: a ValueError naming the param.
+    """
+    if pool > n:
+        raise ValueError(f"{pool_param}={pool} exceeds the {n} training images")
+    if pool + val > n:
+        raise ValueError(f"{val_param}={val}: the validation split and the real pool ({pool} images, {pool_param}) "
+                         f"need {pool + val} distinct training images, only {n} exist: lower {val_param} (0: no "
+                         "validation split)")
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(images), generator=g)[:num_images]
-    return images[idx.sort().values]
+    perm = torch.randperm(n, generator=g)
+    return perm[:pool].sort().values, perm[pool:pool + val].sort().values
+
+
+def calibration_subset(images: torch.Tensor, num_images: int, seed: int, param: str = "data.real_pool") -> torch.Tensor:
+    """Seeded random choice of ``num_images`` distinct training images (no labels: calibration only):
+    the pool of ``split_indices``."""
+    return images[split_indices(len(images), num_images, 0, seed, pool_param=param)[0]]
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
@@ -186,15 +204,17 @@ def default_resize(spec: InputSpec) -> int:
 
 
 def open_eval_dataset(eval_dir: str | Path, spec: InputSpec):
-    """The evaluation set written by the data stage: uint8 tensors (test.pt) or a folder manifest."""
+    """An evaluation set written by the data stage (the test set data/prepared/eval, the validation split
+    data/prepared/val): uint8 tensors (test.pt, val.pt) or a folder manifest."""
     import json
 
     eval_dir = Path(eval_dir)
-    if (eval_dir / "test.pt").is_file():
-        from dfq.io import load_torch
+    for name in ("test.pt", "val.pt"):  # data/prepared/eval/test.pt, data/prepared/val/val.pt
+        if (eval_dir / name).is_file():
+            from dfq.io import load_torch
 
-        test = load_torch(eval_dir / "test.pt")
-        return NormalizedTensorDataset(test["images"], test["labels"], spec)
+            test = load_torch(eval_dir / name)
+            return NormalizedTensorDataset(test["images"], test["labels"], spec)
     manifest = json.loads((eval_dir / "manifest.json").read_text())
     return ManifestDataset(manifest, folder_transform(spec, manifest.get("resize")), spec.shape[0])
 

@@ -10,8 +10,9 @@ import torch
 
 def set_metrics(sources: list[str], seeds: list[int], bits: list[str], eval_dir="metrics/eval",
                 calib_dir="metrics/calibrate") -> pd.DataFrame:
-    """One row per (source, seed, bits) cell: its evaluation metrics and calibration wall time, read from
-    ``<eval_dir>/<source>-s<seed>-<bits>.json`` (and the same name in ``calib_dir``)."""
+    """One row per (source, seed, bits) cell: its evaluation metrics (test: top1, top5; validation split:
+    val_top1, val_top5 when measured) and calibration wall time, read from ``<eval_dir>/<source>-s<seed>-<bits>.json``
+    (and the same name in ``calib_dir``). A metrics file's ``env`` (dfq.provenance) stays one column of dicts."""
     rows = []
     for s in sources:
         for k in seeds:
@@ -51,7 +52,8 @@ def finetune_table(agg: pd.DataFrame, sources: list[str], bits: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-def aggregate(cells: pd.DataFrame, metrics=("top1", "top5", "calibration_seconds", "weight_mb")) -> pd.DataFrame:
+def aggregate(cells: pd.DataFrame, metrics=("top1", "top5", "val_top1", "val_top5", "calibration_seconds",
+                                            "weight_mb")) -> pd.DataFrame:
     """Mean, sample std (ddof 1; NaN for one seed) and seed count of each metric per (source, bits),
     in the order the cells come in. Columns ``<metric>_mean``, ``<metric>_std``, ``seeds``."""
     metrics = [m for m in metrics if m in cells]
@@ -66,28 +68,46 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def results_table(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[str]) -> str:
+def results_table(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[str], prefix: str = "") -> str:
     """Markdown table: one row per source, columns FP32 and each bit-width: top-1 % mean ± std over
-    seeds (top-5 mean in brackets), and the seed count."""
+    seeds (top-5 mean in brackets), and the seed count. ``prefix`` "val_": the validation split's
+    (val_top1, val_top5) instead of the test set's; a cell without them is n/a."""
+    t1, t5 = f"{prefix}top1", f"{prefix}top5"
     head = "| source | seeds | FP32 | " + " | ".join(b.upper() for b in bits) + " |"
     lines = [head, "|" + "---|" * (3 + len(bits))]
     idx = agg.set_index(["source", "bits"])
     for s in sources:
         cells = []
         for b in bits:
-            if (s, b) in idx.index:
-                r = idx.loc[(s, b)]
-                cells.append(f"{_pm(r['top1_mean'], r['top1_std'])} ({r['top5_mean']:.2f})")
+            r = idx.loc[(s, b)] if (s, b) in idx.index else {}
+            if pd.notna(r.get(f"{t1}_mean", float("nan"))):
+                cells.append(f"{_pm(r[f'{t1}_mean'], r[f'{t1}_std'])} ({r[f'{t5}_mean']:.2f})")
             else:
                 cells.append("n/a")
         n = int(idx.loc[s]["seeds"].max()) if s in idx.index.get_level_values(0) else 0
-        lines.append(f"| {s} | {n} | {fp32['top1']:.2f} ({fp32['top5']:.2f}) | " + " | ".join(cells) + " |")
+        ref = f"{fp32[t1]:.2f} ({fp32[t5]:.2f})" if t1 in fp32 else "n/a"
+        lines.append(f"| {s} | {n} | {ref} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def seeds_table(cells: pd.DataFrame, bits: list[str]) -> str:
-    """Markdown table of every cell's top-1: one row per (source, seed), one column per bit-width."""
-    wide = cells.pivot_table(index=["source", "seed"], columns="bits", values="top1", sort=False)
+def validation_section(fp32: dict, agg: pd.DataFrame, cells: pd.DataFrame, sources: list[str], bits: list[str],
+                       images: int | None = None) -> str:
+    """Markdown section of the validation split's accuracy (val_top1, val_top5): the results table and every
+    seed's top-1, as for the test set; "" when no cell was measured on one (data.val_images 0)."""
+    if "val_top1" not in cells or cells["val_top1"].isna().all():
+        return ""
+    n = f"{images} " if images else ""
+    return (f"\n## Validation split\n\nTop-1 % on the {n}validation images (training images disjoint from the real "
+            "calibration pool, data.val_images): settings are chosen on these, and reported on the test set (the "
+            "tables above). Mean ± std over seeds (top-5 mean in brackets).\n\n"
+            + results_table(fp32, agg, sources, bits, "val_") + "\nEvery seed, top-1 %:\n\n"
+            + seeds_table(cells, bits, "val_top1"))
+
+
+def seeds_table(cells: pd.DataFrame, bits: list[str], metric: str = "top1") -> str:
+    """Markdown table of every cell's top-1 (``metric``: val_top1 for the validation split's): one row per
+    (source, seed), one column per bit-width."""
+    wide = cells.pivot_table(index=["source", "seed"], columns="bits", values=metric, sort=False)
     lines = ["| source | seed | " + " | ".join(b.upper() for b in bits) + " |", "|" + "---|" * (2 + len(bits))]
     for (s, k), row in wide.iterrows():
         lines.append(f"| {s} | {k} | " + " | ".join(f"{row[b]:.2f}" if b in row and pd.notna(row[b]) else "n/a"

@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dfq.datasets import FASHION_MNIST_TRAIN_IMAGES
 from dfq.generators import INITS, PROBES, SOURCES
 from dfq.observers import ACT_METHODS
 from dfq.quantizers import mixed_budget, parse_bits, parse_mixed
@@ -40,6 +41,7 @@ class Data(Strict):
     resize: Optional[int] = Field(default=None, ge=0)
     num_images: int = PosInt
     real_pool: int = PosInt
+    val_images: int = Field(default=0, ge=0)  # validation split: training images disjoint from the real pool
     seed: int = Field(ge=0)
 
     @model_validator(mode="after")
@@ -49,6 +51,11 @@ class Data(Strict):
         if self.num_images > self.real_pool:
             raise ValueError(f"data.num_images={self.num_images} is larger than data.real_pool={self.real_pool}: "
                              "every real calibration set is drawn from that pool")
+        n = FASHION_MNIST_TRAIN_IMAGES  # an image folder is counted by the data stage
+        if self.dataset == "fashion_mnist" and self.real_pool + self.val_images > n:
+            raise ValueError(f"data.val_images={self.val_images}: the validation split and the real pool "
+                             f"(data.real_pool={self.real_pool}) are disjoint sets of the {n} Fashion-MNIST training "
+                             f"images, so together at most {n}: lower data.val_images (0: no validation split)")
         return self
 
 

@@ -54,6 +54,31 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _measured(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not None, not NaN
+
+
+def fp32_metrics(fp32: dict) -> dict:
+    """The FP32 model's accuracy logged with every run: fp32_top1, fp32_top5 (test set) and fp32_val_top1,
+    fp32_val_top5 (validation split, when metrics/fp32.json has them)."""
+    return {f"fp32_{k}": fp32[k] for k in ("top1", "top5", "val_top1", "val_top5") if _measured(fp32.get(k))}
+
+
+def accuracy_metrics(cell: dict, fp32: dict) -> dict:
+    """A cell's accuracy for its run: top1, top5 (test set), val_top1, val_top5 (validation split, when the
+    cell was measured on one) and top1_drop (FP32 top-1 minus the cell's, test set)."""
+    out = {k: cell[k] for k in ("top1", "top5", "val_top1", "val_top5") if _measured(cell.get(k))}
+    return {**out, "top1_drop": fp32["top1"] - cell["top1"]}
+
+
+def env_tags(env) -> dict:
+    """A metrics file's ``env`` (dfq.provenance: what decided its numbers) as MLflow tags ``env.<key>``, e.g.
+    env.torch, env.cpu, env.isa, env.threads, env.device (values as text, None left out); {} without one."""
+    if not isinstance(env, dict):
+        return {}
+    return {f"env.{k}": str(v) for k, v in env.items() if v is not None}
+
+
 def export_run_extras(cell: str, export_dir="metrics/export", map_dir="reports/quant_map", max_mb: float = 100.0):
     """What an exported cell adds to its run: ONNX Runtime metrics, tags naming the DVC-tracked ONNX file,
     and artifacts (the quantization map; the ONNX model itself under model/ when at most ``max_mb``)."""

@@ -1,4 +1,5 @@
-"""What every stage shares: its params group, environment settings and path resolution.
+"""What every stage shares: its params group, environment settings, path resolution, accuracy on the test set
+and the validation split, and metrics files that record what decided them (``env``, dfq.provenance).
 
 Device, thread count and worker count are environment (DFQ_DEVICE, DFQ_THREADS, DFQ_WORKERS), never
 params, so that a hardware change never invalidates DVC's cache.
@@ -69,3 +70,36 @@ def resolve_path(path: str | os.PathLike, param: str) -> Path:
         if c.exists():
             return c
     raise SystemExit(f"{param}={path}: not found (looked in: {', '.join(str(c) for c in candidates)})")
+
+
+def provenance() -> dict:
+    """What decides this stage's numbers (dfq.provenance.environment): torch build, CPU model and ISA, torch
+    threads, device. Read after setup_torch, so the thread count is the one the stage ran with."""
+    from dfq.provenance import environment
+
+    return environment(device())
+
+
+def save_metrics(metrics: dict, path: str | os.PathLike) -> None:
+    """A stage's metrics file, written atomically, with its provenance under the key ``env``."""
+    from dfq.io import save_json
+
+    save_json({**metrics, "env": provenance()}, path)
+
+
+def accuracy(model, spec, batch_size: int, desc: str, prepared: str = "data/prepared") -> dict:
+    """Top-1/top-5 % of ``model`` on the test set (``<prepared>/eval``: top1, top5) and on the validation split
+    (``<prepared>/val``: val_top1, val_top5; absent when the data stage drew none, data.val_images 0)."""
+    from dfq.datasets import open_eval_dataset
+    from dfq.evaluate import evaluate, make_loader
+
+    if not Path(prepared, "val").is_dir():
+        raise SystemExit(f"{prepared}/val: missing (written by the data stage since data.val_images): rerun the data "
+                         "stage (dvc repro data)")
+    out = {}
+    for split, prefix in (("eval", ""), ("val", "val_")):
+        data = open_eval_dataset(Path(prepared, split), spec)
+        if split == "eval" or len(data):  # an empty test set is an error (evaluate), no validation split is not
+            m = evaluate(model, make_loader(data, batch_size, workers()), device(), desc=f"{desc} ({split})")
+            out.update({f"{prefix}top1": m["top1"], f"{prefix}top5": m["top5"]})
+    return out

@@ -12,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from stages._common import device, load_params, setup_torch
+from stages._common import device, load_params, save_metrics, setup_torch
 
 
 def main(source: str, bits: str) -> None:
     q = load_params("quantize")
     torch = setup_torch()
-    from dfq.io import load_torch, save_json, save_torch
+    from dfq.io import load_torch, save_torch
     from dfq.models import load_checkpoint
     from dfq.observers import make_observer
     from dfq.quantize import calibrate, prepare, round_biases, summary, weight_size
@@ -63,9 +63,9 @@ def main(source: str, bits: str) -> None:
     out = Path("models/quant") / f"{source}-{bits}.pt"
     save_torch({**info, "state_dict": {k: v.cpu() for k, v in gm.state_dict().items()}}, out)
     # wall time apart from the model, so that an unchanged result stays byte-identical (evaluate skipped)
-    save_json({"seconds": round(seconds, 1), "rounding": q["rounding"], "protocol": q["protocol"], "images": n,
-               **weight_size(gm), **({"allocation": alloc} if alloc else {})},
-              Path("metrics/calibrate") / f"{source}-{bits}.json")
+    save_metrics({"seconds": round(seconds, 1), "rounding": q["rounding"], "protocol": q["protocol"], "images": n,
+                  **weight_size(gm), **({"allocation": alloc} if alloc else {})},
+                 Path("metrics/calibrate") / f"{source}-{bits}.json")
     if alloc:
         print(f"{source}-{bits}: {alloc['avg_bits']:.3f} average weight bits ({alloc['weight_mb']:.4g} MB), summed KL {alloc['kl_sum']:.4g}, "
               f"bits per layer {' '.join(map(str, layer_bits.values()))}")

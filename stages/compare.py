@@ -4,7 +4,9 @@
                              [--filter "tags.bits = 'w4a4'"] [--out reports/compare.md]
 
 Rows: the ``--by`` run tags; columns: one per value of the ``--across`` tag (the DVC experiment name by
-default); cells: mean ± std (seed count) over the per-seed runs.
+default); cells: mean ± std (seed count) over the per-seed runs. Choose settings with ``--metric val_top1``
+(the validation split: training images disjoint from the real pool), report them with ``--metric top1``
+(the test set).
 """
 import argparse
 import os
@@ -15,7 +17,8 @@ from stages._common import load_params
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__.split("\n")[0])
-    ap.add_argument("--metric", default="top1")
+    ap.add_argument("--metric", default="top1", help="a run metric: top1 / top5 (test set), val_top1 / val_top5 "
+                    "(validation split: choose settings on it), top1_drop, weight_mb, onnx_top1, ...")
     ap.add_argument("--by", nargs="+", default=["source", "bits"])
     ap.add_argument("--across", default="dvc_exp_name")
     ap.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"tags.bits = 'w4a4'\"")

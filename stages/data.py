@@ -3,7 +3,8 @@
 fashion_mnist: IDX files -> uint8 tensors (torchvision's reader). imagefolder: <dir>/<class>/<image>
 folders (CIFAR-10 JPEGs in ../shared, an ImageNet validation layout): read in place through a manifest,
 never copied. Outputs: data/prepared/{train,eval}/, calib_real.pt (data.real_pool normalised training
-images; each seed of the real source draws data.num_images of them), meta.json.
+images; each seed of the real source draws data.num_images of them), val/ (the validation split:
+data.val_images other training images, the same format as eval/; dfq.datasets.split_indices), meta.json.
 """
 from stages._common import load_params, resolve_path, setup_torch
 
@@ -21,7 +22,8 @@ def main() -> None:
     from dfq.models import input_spec
 
     with atomic_dir(OUT) as tmp:
-        (tmp / "train").mkdir(), (tmp / "eval").mkdir()
+        (tmp / "train").mkdir(), (tmp / "eval").mkdir(), (tmp / "val").mkdir()
+        n_val = p.get("val_images", 0)
         if p["dataset"] == "fashion_mnist":
             spec, classes = ds.FASHION_MNIST_SPEC, list(ds.FASHION_MNIST_CLASSES)
             with tempfile.TemporaryDirectory(prefix="dfq-fmnist-") as cache:
@@ -32,10 +34,9 @@ def main() -> None:
                     raise SystemExit(str(exc)) from None
             save_torch({"images": xtr, "labels": ytr}, tmp / "train" / "train.pt")
             save_torch({"images": xte, "labels": yte}, tmp / "eval" / "test.pt")
-            try:
-                calib = spec.normalize(ds.calibration_subset(xtr, p["real_pool"], p["seed"]))
-            except ValueError as exc:
-                raise SystemExit(str(exc)) from None
+            pick, val = split(len(xtr), p["real_pool"], n_val, p["seed"])
+            calib = spec.normalize(xtr[pick])  # = ds.calibration_subset(xtr, real_pool, seed), as before
+            save_torch({"images": xtr[val], "labels": ytr[val]}, tmp / "val" / "val.pt")
         elif p["dataset"] == "imagefolder":
             spec = ds.InputSpec.from_dict(input_spec(model_p["arch"]) or input_spec("resnet18"))
             try:
@@ -47,18 +48,30 @@ def main() -> None:
             save_json({**test, "resize": p.get("resize")}, tmp / "eval" / "manifest.json")
             save_json({**train, "resize": p.get("resize")}, tmp / "train" / "manifest.json")
             pool = min(p["real_pool"], len(train["files"]))  # a small folder: all of it
-            pick = ds.calibration_subset(torch.arange(len(train["files"])), pool, p["seed"])
+            pick, val = split(len(train["files"]), pool, n_val, p["seed"], "data.real_pool" if pool == p["real_pool"]
+                              else f"data.real_pool={p['real_pool']} capped to the folder")
+            save_json({**train, "files": [train["files"][i] for i in val], "resize": p.get("resize")},
+                      tmp / "val" / "manifest.json")
             folder = ds.ManifestDataset(train, ds.folder_transform(spec, p.get("resize")), spec.shape[0])
             calib = torch.stack([folder[int(i)][0] for i in pick])
             xte = test["files"]
         else:
             raise SystemExit(f"data.dataset={p['dataset']!r} is unknown; allowed: fashion_mnist, imagefolder")
         save_torch(calib.contiguous(), tmp / "calib_real.pt")
-        save_json({"dataset": p["dataset"], "num_classes": len(classes), "classes": classes,
-                   "input_spec": spec.to_dict(), "eval_images": len(xte), "calib_real": list(calib.shape)},
-                  tmp / "meta.json")
+        save_json({"dataset": p["dataset"], "num_classes": len(classes), "classes": classes, "input_spec": spec.to_dict(),
+                   "eval_images": len(xte), "calib_real": list(calib.shape), "val_images": len(val)}, tmp / "meta.json")
     print(f"{p['dataset']}: {len(classes)} classes, {len(xte)} evaluation images, real calibration pool "
-          f"{tuple(calib.shape)} (normalised) -> {OUT}/")
+          f"{tuple(calib.shape)} (normalised), {len(val)} validation images -> {OUT}/")
+
+
+def split(n: int, pool: int, val: int, seed: int, pool_param: str = "data.real_pool"):
+    """Pool and validation indices (dfq.datasets.split_indices); too few training images stop the stage."""
+    from dfq.datasets import split_indices
+
+    try:
+        return split_indices(n, pool, val, seed, pool_param)
+    except ValueError as exc:
+        raise SystemExit(f"data stage: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 import sys
 from pathlib import Path
 
-from stages._common import device, setup_torch
+from stages._common import device, save_metrics, setup_torch
 
 
 def main(source: str) -> None:
     setup_torch()
     from dfq.diversity import diagnose
-    from dfq.io import load_torch, save_json
+    from dfq.io import load_torch
     from dfq.models import load_checkpoint
 
     model, _ = load_checkpoint("models/fp32.pt")
@@ -19,7 +19,7 @@ def main(source: str) -> None:
         d = diagnose(model, (load_torch(f) for f in files), device())
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    save_json({"source": source, **d}, Path("metrics/diversity") / f"{source}.json")
+    save_metrics({"source": source, **d}, Path("metrics/diversity") / f"{source}.json")
     print(f"{source}: mean BN-statistic spread {d['bn_spread_mean']:.3f} (per layer "
           f"{', '.join(f'{s:.2f}' for s in d['bn_spread'])}), feature cosine {d['feature_cosine']:.3f}")
 

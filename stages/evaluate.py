@@ -1,32 +1,32 @@
-"""Stage evaluate@<source>-<seed>-<bits> (and evaluate_mixed@<source>-<seed>-<cell>): top-1/top-5 of the calibrated
-fake-quant model on the test set, and the size of its quantized weights (each layer at its own bits)."""
+"""Stage evaluate@<source>-<seed>-<bits> (and evaluate_mixed@<source>-<seed>-<cell>, evaluate_finetune): top-1/top-5
+of the calibrated fake-quant model on the test set (top1, top5) and on the validation split (val_top1, val_top5:
+training images disjoint from the real pool, where choices are made), the size of its quantized weights (each layer
+at its own bits) and what decided the numbers (env: torch build, CPU, threads, device)."""
 import sys
 from pathlib import Path
 
-from stages._common import device, load_params, setup_torch, workers
+from stages._common import accuracy, load_params, save_metrics, setup_torch
 
 
 def main(source: str, bits: str) -> None:
     p = load_params("evaluate")
     setup_torch()
-    from dfq.datasets import InputSpec, open_eval_dataset
-    from dfq.evaluate import evaluate, make_loader
-    from dfq.io import load_torch, save_json
+    from dfq.datasets import InputSpec
+    from dfq.io import load_torch
     from dfq.models import load_checkpoint
     from dfq.quantize import load_quantized, weight_size
 
     model, meta = load_checkpoint("models/fp32.pt")
     ckpt = load_torch(Path("models/quant") / f"{source}-{bits}.pt")
     gm = load_quantized(model, ckpt)
-    spec = InputSpec.from_dict(meta["input_spec"])
-    loader = make_loader(open_eval_dataset("data/prepared/eval", spec), p["batch_size"], workers())
-    m = evaluate(gm, loader, device(), desc=f"evaluate {source}-{bits}")
+    m = accuracy(gm, InputSpec.from_dict(meta["input_spec"]), p["batch_size"], f"evaluate {source}-{bits}")
     name, _, seed = source.rpartition("-s")  # the calibration set <source>-s<seed>
-    save_json({"top1": m["top1"], "top5": m["top5"], "source": name, "seed": int(seed), "bits": bits, **weight_size(gm),
-               **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "weight_range", "act_method")
-                  if k in ckpt}},
-              Path("metrics/eval") / f"{source}-{bits}.json")
-    print(f"{source}-{bits}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%")
+    save_metrics({**m, "source": name, "seed": int(seed), "bits": bits, **weight_size(gm),
+                  **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "weight_range", "act_method")
+                     if k in ckpt}},
+                 Path("metrics/eval") / f"{source}-{bits}.json")
+    val = f", validation top-1 {m['val_top1']:.2f}%" if "val_top1" in m else ""
+    print(f"{source}-{bits}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}% (test){val}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from stages._common import device, load_params, setup_torch
+from stages._common import device, load_params, provenance, setup_torch
 
 
 def main(name: str, bits: str) -> None:
@@ -48,7 +48,8 @@ def main(name: str, bits: str) -> None:
                 "finetune_from": ckpt.get("rounding", "nearest"), "finetune": p["train"], "images": len(images),
                 "int32_biases": biases, "state_dict": {k: v.cpu() for k, v in student.state_dict().items()}}, out)
     save_json({"seconds": round(result["seconds"], 1), "rounding": "finetune", **result,
-               "finetune_from": ckpt.get("rounding", "nearest")}, Path("metrics/finetune") / f"{name}-{bits}-ft.json")
+               "finetune_from": ckpt.get("rounding", "nearest"), "env": provenance()},
+              Path("metrics/finetune") / f"{name}-{bits}-ft.json")
     shutil.rmtree(scratch)
     print(f"{name}-{bits}: KL {result['kl_start']:.4f} -> {result['kl_end']:.4f} on the fine-tuning images "
           f"({result['seconds']:.0f} s) -> {out}")

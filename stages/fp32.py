@@ -1,8 +1,9 @@
-"""Stage fp32: load model.weights (or train the embedded model) and measure its FP32 accuracy."""
+"""Stage fp32: load model.weights (or train the embedded model) and measure its FP32 accuracy on the test set and
+the validation split (metrics/fp32.json: top1, top5, val_top1, val_top5 and env, what decided them)."""
 import json
 from pathlib import Path
 
-from stages._common import device, load_params, resolve_path, setup_torch, workers
+from stages._common import accuracy, load_params, resolve_path, save_metrics, setup_torch
 
 DATA = "data/prepared"
 
@@ -11,8 +12,7 @@ def main() -> None:
     model_p, train_p, eval_p = load_params("model", "train", "evaluate")
     torch = setup_torch()
     from dfq import models
-    from dfq.datasets import InputSpec, open_eval_dataset
-    from dfq.evaluate import evaluate, make_loader
+    from dfq.datasets import InputSpec
     from dfq.io import load_torch
     from dfq.train import train_classifier
 
@@ -42,13 +42,11 @@ def main() -> None:
         models.check_classes(model, spec.to_dict(), num_classes)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    loader = make_loader(open_eval_dataset(Path(DATA, "eval"), spec), eval_p["batch_size"], workers())
-    metrics = evaluate(model, loader, device(), desc="evaluate fp32")
+    metrics = accuracy(model, spec, eval_p["batch_size"], "evaluate fp32", DATA)
     models.save_checkpoint(model.cpu(), arch, num_classes, spec.to_dict(), "models/fp32.pt")
-    from dfq.io import save_json
-
-    save_json({"top1": metrics["top1"], "top5": metrics["top5"]}, "metrics/fp32.json")
-    print(f"FP32 top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
+    save_metrics(metrics, "metrics/fp32.json")
+    val = f", validation top-1 {metrics['val_top1']:.2f}%" if "val_top1" in metrics else ""
+    print(f"FP32 top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% (test){val}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from stages._common import device, load_params, setup_torch
+from stages._common import device, load_params, provenance, setup_torch
 
 CODE = ["dfq/generators.py", "dfq/losses.py", "dfq/bn_stats.py", "dfq/sharding.py", "stages/generate.py"]
 
@@ -49,8 +49,8 @@ def main(source: str, seed: int, extend: bool = False) -> None:
         sharding.make_batches(source, cfg, seed, sizes, shape, model.to(device()), real, scratch, mine, device())
         sharding.barrier()
         if rank == 0:
-            sharding.assemble(out, {"source": source, "method": method, "params": cfg, "seed": seed,
-                                    "batch_size": sizes[0]}, range(first, len(sizes)), scratch)
+            sharding.assemble(out, {"source": source, "method": method, "params": cfg, "seed": seed, "batch_size": sizes[0],
+                                    "env": provenance()}, range(first, len(sizes)), scratch)
     except (ValueError, FloatingPointError) as exc:
         raise SystemExit(f"generate@{name}: {exc} (nothing was written)") from None
     except (torch.OutOfMemoryError, MemoryError) as exc:

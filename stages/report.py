@@ -1,6 +1,6 @@
 """Stage report: reports/results.md (mean ± std over seeds, built with pandas; uniform and mixed-precision
-cells, model sizes, the mixed cells' allocations), accuracy-vs-bits with error bars, top-1 vs weight size,
-BN-spread and sample-grid PNGs."""
+cells on the test set and on the validation split, model sizes, the mixed cells' allocations), accuracy-vs-bits
+with error bars, top-1 vs weight size, BN-spread and sample-grid PNGs."""
 import json
 from pathlib import Path
 
@@ -17,6 +17,7 @@ def main() -> None:
     from dfq.io import load_torch
 
     fp32 = json.loads(Path("metrics/fp32.json").read_text())
+    meta = json.loads(Path("data/prepared/meta.json").read_text())
     try:
         cells = report.pipeline_cells(sources, seeds, uniform + mixed, ft_p)
     except FileNotFoundError as exc:
@@ -34,7 +35,9 @@ def main() -> None:
         "mixed precision, B average weight bits): "
         f"mean ± std over {n} seed{'s' * (n > 1)} (each seed its own calibration set; top-5 mean in brackets).\n\n"
         + table + "\n![accuracy vs bits](accuracy_vs_bits.png)\n\n## Every seed\n\nTop-1 %:\n\n"
-        + report.seeds_table(cells, bits) + "\n## Model size\n\nQuantized weights (every conv/linear at its bits), "
+        + report.seeds_table(cells, bits)
+        + report.validation_section(fp32, agg, cells, sources, bits, meta.get("val_images"))  # "" without one
+        + "\n## Model size\n\nQuantized weights (every conv/linear at its bits), "
         "MB:\n\n" + report.size_table(agg, sources, bits) + "\n![top-1 vs size](size_vs_top1.png)\n"
         + ("\n## Mixed-precision allocations\n\nWeight bits per layer (* fixed by the protocol); heat maps and "
            "frontiers: `reports/sensitivity/<source>-s<seed>.png`.\n\n" + report.allocations_table(allocs)
@@ -47,7 +50,7 @@ def main() -> None:
     report.plot_accuracy_vs_bits(fp32, agg, sources, uniform, "reports/accuracy_vs_bits.png")
     report.plot_size_vs_top1(fp32, agg, sources, uniform + mixed, "reports/size_vs_top1.png")
     report.plot_bn_spread(diversity, "reports/bn_spread.png")
-    spec = json.loads(Path("data/prepared/meta.json").read_text())["input_spec"]
+    spec = meta["input_spec"]
     samples = {s: load_torch(sorted(Path("data/calib", f"{s}-s{seeds[0]}").glob("batch_*.pt"))[0])[:8]
                for s in sources}
     report.plot_sample_grid(samples, spec["mean"], spec["std"], "reports/samples.png")

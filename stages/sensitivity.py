@@ -10,14 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from stages._common import device, load_params, setup_torch
+from stages._common import device, load_params, save_metrics, setup_torch
 
 
 def main(calib_set: str) -> None:
     q = load_params("quantize")
     setup_torch()
     from dfq import sensitivity
-    from dfq.io import load_torch, save_json
+    from dfq.io import load_torch
     from dfq.models import load_checkpoint
 
     model, _ = load_checkpoint("models/fp32.pt")
@@ -30,10 +30,10 @@ def main(calib_set: str) -> None:
     seconds = time.perf_counter() - start
     front = sensitivity.frontier_of(sens)
     n = sum(r["params"] for r in sens["layers"] if r["fixed_bits"] is None)
-    save_json({"set": calib_set, **sens, "allocatable_params": n,
-               "uniform_kl_sum": {str(b): v for b, v in sensitivity.uniform_costs(sens).items()},
-               "frontier": {"avg_bits": (front.sizes / n).tolist(), "kl_sum": front.costs.tolist()}},
-              Path("metrics/sensitivity") / f"{calib_set}.json")
+    save_metrics({"set": calib_set, **sens, "allocatable_params": n,
+                  "uniform_kl_sum": {str(b): v for b, v in sensitivity.uniform_costs(sens).items()},
+                  "frontier": {"avg_bits": (front.sizes / n).tolist(), "kl_sum": front.costs.tolist()}},
+                 Path("metrics/sensitivity") / f"{calib_set}.json")
     sensitivity.plot(sens, front, f"{calib_set}: weight sensitivity ({q['protocol']} protocol, {sens['images']} "
                      "images)", Path("reports/sensitivity") / f"{calib_set}.png")
     print(sensitivity.frontier_table(sens, front))

@@ -1,6 +1,7 @@
-"""Stage track (no outputs, so DVC never skips it through its run-cache): one MLflow run per
-(source, seed, bits) cell, tagged with its seed (an exported cell adds its ONNX Runtime metrics, its quant
-map and its ONNX model), plus one aggregate run per (source, bits) with the mean and std over seeds."""
+"""Stage track (no outputs, so DVC never skips it through its run-cache): one MLflow run per (source, seed, bits)
+cell with its test and validation accuracy (top1, val_top1), tagged with its seed and with what decided its numbers
+(env.* tags from its evaluation metrics: torch build, CPU, ISA, threads, device); an exported cell adds its ONNX
+Runtime metrics, its quant map and its ONNX model. Plus one aggregate run per (source, bits): mean, std over seeds."""
 import json
 import os
 import subprocess
@@ -28,7 +29,7 @@ def main() -> None:
     common = {"git_commit": commit or "unknown", "dvc_stage": os.environ.get("DVC_STAGE", "track"),
               "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
               "fp32_model_md5": lock_md5(lock, "fp32", "models/fp32.pt")}
-    base = {"fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"]}
+    base = tracking.fp32_metrics(fp32)
     runs, exported = [], set((read_params().get("export") or {}).get("cells", []))
     for m in cells.to_dict("records"):
         s, k, b = m["source"], m["seed"], m["bits"]
@@ -37,6 +38,7 @@ def main() -> None:
         data_md5 = lock_md5(lock, f"generate@{s}-{k}", f"data/calib/{name}")
         ex_m, ex_t, ex_a = tracking.export_run_extras(f"{name}-{b}") if f"{name}-{b}" in exported else ({}, {}, [])
         mx_m, mx_a, mx_t = tracking.mixed_run_extras(f"{name}-{b}")  # mixed precision: allocation, heat map
+        env = tracking.env_tags(m.get("env"))  # hashed with the inputs: another environment logs a new run
         params = {"source": s, "seed": k, "bits": b, "data": data_p, "model": model_p,
                   "train": {} if model_p.get("weights") else train_p,
                   "generate": {"batch_size": gen_p["batch_size"], s: gen_p[s]},
@@ -44,16 +46,16 @@ def main() -> None:
                   **({"finetune": {"num_images": ft_p["num_images"], "train": ft_p["train"]}} if b.endswith("-ft") else {})}
         runs.append(tracking.Cell(
             run_name=f"{name}-{b}", params=params,
-            metrics={**base, "top1": m["top1"], "top5": m["top5"], "top1_drop": fp32["top1"] - m["top1"],
-                     "bn_spread_mean": div["bn_spread_mean"], "feature_cosine": div["feature_cosine"],
+            metrics={**base, **tracking.accuracy_metrics(m, fp32), "bn_spread_mean": div["bn_spread_mean"],
+                     "feature_cosine": div["feature_cosine"],
                      **({"calibration_seconds": m["calibration_seconds"]} if m["calibration_seconds"] else {}),
                      **{f"bn_spread_layer_{i}": v for i, v in enumerate(div["bn_spread"])}, **ex_m, **mx_m,
                      **({"weight_mb": m["weight_mb"]} if m.get("weight_mb", -1) >= 0 else {})},
-            tags={**common, "source": s, "seed": str(k), "bits": b, "synthetic_data_md5": data_md5, **ex_t,
+            tags={**common, "source": s, "seed": str(k), "bits": b, "synthetic_data_md5": data_md5, **ex_t, **env,
                   **({"finetune": "true"} if b.endswith("-ft") else {})},
             artifacts=ARTIFACTS + ex_a + mx_a, texts=mx_t,
-            inputs={"data_md5": data_md5, "quant_md5": lock_md5(lock, tracking.calibrate_stage(s, k, b),
-                                                                 f"models/quant/{name}-{b}.pt")}))
+            inputs={"data_md5": data_md5, "env": env, "quant_md5": lock_md5(lock, tracking.calibrate_stage(s, k, b),
+                                                                             f"models/quant/{name}-{b}.pt")}))
     for a in report.aggregate(cells).to_dict("records"):
         s, b = a["source"], a["bits"]
         params = {"source": s, "seeds": gen_p["seeds"], "bits": b, "model": model_p, "generate": {s: gen_p[s]},

@@ -39,3 +39,46 @@ def test_fewer_than_five_classes_and_empty_set():
     assert m["top1"] == pytest.approx(200 / 3) and m["top5"] == 100.0  # top-5 of 3 classes: every class
     with pytest.raises(ValueError, match="empty"):
         evaluate(Logits(), [])
+
+
+def _write_split(folder, n, seed):
+    from dfq.io import save_torch
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    save_torch({"images": images, "labels": labels}, folder)
+    return images, labels
+
+
+def _count(model, images, labels):
+    """Top-1 / top-5 % counted here: Fashion-MNIST normalisation by hand, one batch, ranks by sorting."""
+    x = ((images.float() / 255 - 0.2860) / 0.3530).unsqueeze(1)
+    with torch.no_grad():
+        logits = model(x)
+    rank = (logits > logits.gather(1, labels.view(-1, 1))).sum(1)  # classes scoring above the label's
+    return 100.0 * (rank == 0).sum().item() / len(labels), 100.0 * (rank < 5).sum().item() / len(labels)
+
+
+def test_stage_accuracy_on_the_test_set_and_the_validation_split(tmp_path):
+    """stages._common.accuracy (what the fp32 and evaluate stages write): top1/top5 on data/prepared/eval and
+    val_top1/val_top5 on data/prepared/val, each equal to a count made here; no validation images, no val_ keys."""
+    from dfq.datasets import FASHION_MNIST_SPEC
+    from stages._common import accuracy
+
+    prepared = tmp_path / "prepared"
+    test = _write_split(prepared / "eval" / "test.pt", 53, 0)
+    val = _write_split(prepared / "val" / "val.pt", 41, 1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+    m = accuracy(model, FASHION_MNIST_SPEC, 8, "t", prepared)
+    top1, top5 = _count(model, *test)
+    val_top1, val_top5 = _count(model, *val)
+    assert 0 < val_top1 < 100 and (val_top1, val_top5) != (top1, top5)  # the two sets are told apart
+    assert m == pytest.approx({"top1": top1, "top5": top5, "val_top1": val_top1, "val_top5": val_top5})
+    _write_split(prepared / "val" / "val.pt", 0, 1)  # data.val_images 0: an empty split
+    assert accuracy(model, FASHION_MNIST_SPEC, 8, "t", prepared) == pytest.approx({"top1": top1, "top5": top5})
+    (prepared / "val" / "val.pt").unlink()
+    (prepared / "val").rmdir()
+    with pytest.raises(SystemExit, match="prepared/val: missing .* rerun the data stage"):
+        accuracy(model, FASHION_MNIST_SPEC, 8, "t", prepared)

@@ -130,3 +130,36 @@ def test_finetuned_cells_join_the_table_with_their_gain_and_time(tmp_path, monke
     assert "| real | 0 | 74.00 | n/a |" in report.seeds_table(cells, ["w4a4", "w4a4-ft"])
     with pytest.raises(FileNotFoundError, match="evaluate_finetune@real-0-w4a4"):
         report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], {"sources": ["real"], "bits": ["w4a4"]})
+
+
+def test_validation_split_beside_the_test_set_and_env_is_one_column(tmp_path):
+    """Cells measured on the validation split get a second table (val_top1 mean ± std, val_top5 in brackets) and
+    a per-seed table; a metrics file's nested ``env`` neither breaks the tables nor adds columns; without
+    val_top1 there is no section."""
+    ev, cal = tmp_path / "eval", tmp_path / "calib"
+    ev.mkdir(), cal.mkdir()
+    env = {"torch": "2.x", "cpu": "some CPU", "isa": "AVX2", "threads": 1, "device": "cpu"}
+    vals = {("zeroq", 0): (70.0, 71.0), ("zeroq", 1): (72.0, 75.0), ("real", 0): (74.0, 80.0), ("real", 1): (74.0, 82.0)}
+    for (s, k), (top1, val1) in vals.items():
+        (ev / f"{s}-s{k}-w4a4.json").write_text(json.dumps({"top1": top1, "top5": 99.0, "val_top1": val1,
+                                                            "val_top5": 98.0, "env": env}))
+        (cal / f"{s}-s{k}-w4a4.json").write_text(json.dumps({"seconds": 1.0, "env": env}))
+    cells = report.set_metrics(["zeroq", "real"], [0, 1], ["w4a4"], ev, cal)
+    assert [c for c in cells.columns if "env" in c] == ["env"] and cells["env"].iloc[0] == env
+    agg = report.aggregate(cells)
+    assert not [c for c in agg.columns if "env" in c]
+    fp32 = {"top1": 81.0, "top5": 99.0, "val_top1": 85.0, "val_top5": 99.5, "env": env}
+    test = report.results_table(fp32, agg, ["zeroq", "real"], ["w4a4"])
+    assert "| zeroq | 2 | 81.00 (99.00) | 71.00 ± 1.41 (99.00) |" in test
+    section = report.validation_section(fp32, agg, cells, ["zeroq", "real"], ["w4a4"], 5000)
+    assert "## Validation split" in section and "5000 validation images" in section
+    assert "| zeroq | 2 | 85.00 (99.50) | 73.00 ± 2.83 (98.00) |" in section
+    assert "| real | 2 | 85.00 (99.50) | 81.00 ± 1.41 (98.00) |" in section
+    assert "| real | 1 | 82.00 |" in section  # every seed's validation top-1
+    (tmp_path / "old").mkdir()
+    plain = report.set_metrics(["zeroq"], [0], ["w4a4"], *_write_cells(tmp_path / "old", {("zeroq", 0, "w4a4"): 70.0}))
+    assert report.validation_section(fp32, report.aggregate(plain), plain, ["zeroq"], ["w4a4"]) == ""
+    # a cell without validation metrics (measured before the split) is n/a in the validation table
+    mixed = pd.concat([cells, plain.assign(bits="w8a8")], ignore_index=True)
+    table = report.results_table(fp32, report.aggregate(mixed), ["zeroq"], ["w4a4", "w8a8"], "val_")
+    assert "| zeroq | 2 | 85.00 (99.50) | 73.00 ± 2.83 (98.00) | n/a |" in table

@@ -152,3 +152,39 @@ def test_mixed_run_extras_and_cell_params(tmp_path):
     assert cell_quantize_params(q, "mp4a4") == {"protocol": "zeroq", "mixed": {"candidates": [2, 4, 8]}}
     assert calibrate_stage("zeroq", 1, "w4a4") == "calibrate@zeroq-1-w4a4"
     assert calibrate_stage("zeroq", 1, "mp3.5a4") == "calibrate_mixed@zeroq-1-mp3.5a4"
+
+
+def test_validation_metrics_env_tags_and_compare_by_val_top1(tmp_path, monkeypatch, capsys):
+    """A cell's run carries val_top1/val_top5 beside top1 and its metrics file's env as env.* tags (None left out);
+    `python -m stages.compare --metric val_top1` ranks the experiments by the validation split."""
+    from dfq.tracking import accuracy_metrics, env_tags, fp32_metrics
+    from stages import compare
+
+    fp32 = {"top1": 92.0, "top5": 99.8, "val_top1": 95.0, "val_top5": 99.9, "env": {"threads": 1}}
+    assert fp32_metrics(fp32) == {"fp32_top1": 92.0, "fp32_top5": 99.8, "fp32_val_top1": 95.0, "fp32_val_top5": 99.9}
+    assert fp32_metrics({"top1": 92.0, "top5": 99.8}) == {"fp32_top1": 92.0, "fp32_top5": 99.8}
+    cell = {"top1": 90.5, "top5": 99.0, "val_top1": 93.25, "val_top5": 99.5, "env": {}}
+    assert accuracy_metrics(cell, fp32) == {"top1": 90.5, "top5": 99.0, "val_top1": 93.25, "val_top5": 99.5,
+                                            "top1_drop": 1.5}
+    assert accuracy_metrics({"top1": 90.5, "top5": 99.0, "val_top1": float("nan")}, fp32) == {
+        "top1": 90.5, "top5": 99.0, "top1_drop": 1.5}  # a cell measured before the split (NaN in the table)
+    env = {"torch": "2.14.1+cpu", "cuda": None, "cpu": "Some CPU @ 2.0GHz", "isa": "AVX2", "threads": 2, "device": "cpu"}
+    tags = env_tags(env)
+    assert tags == {"env.torch": "2.14.1+cpu", "env.cpu": "Some CPU @ 2.0GHz", "env.isa": "AVX2", "env.threads": "2",
+                    "env.device": "cpu"}
+    assert env_tags(float("nan")) == {} and env_tags(None) == {}
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs_ = [Cell(run_name=f"{e}-{k}", params={"e": e, "k": k},
+                  metrics=accuracy_metrics({"top1": 80.0 + k, "top5": 99.0, "val_top1": v + k, "val_top5": 99.0}, fp32),
+                  tags={"dvc_exp_name": e, "source": "zeroq", "bits": "w4a4", "seed": str(k), **tags})
+             for e, v in (("a", 70.0), ("b", 75.0)) for k in (0, 1)]
+    log_cells(runs_, uri=uri, experiment="t", artifact_location=(tmp_path / "art").as_uri())
+    logged = runs(uri)
+    assert all(r.data.tags["env.isa"] == "AVX2" and r.data.tags["env.threads"] == "2" for r in logged)
+    assert "env.cuda" not in logged[0].data.tags
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    compare.main(["--metric", "val_top1", "--experiment", "t"])
+    out = capsys.readouterr().out
+    assert out.startswith("val_top1 by source, bits across dvc_exp_name")
+    assert "| zeroq | w4a4 | 70.50 ± 0.71 (2) | 75.50 ± 0.71 (2) |" in out
