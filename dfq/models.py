@@ -298,11 +298,12 @@ def load_checkpoint(path) -> tuple[nn.Module, dict]:
     return model.eval(), {k: v for k, v in ckpt.items() if k != "state_dict"}
 
 
-def check_classes(model: nn.Module, spec: dict, num_classes: int) -> None:
-    """A clear error when the model's output size differs from the dataset's class count."""
+def check_classes(model: nn.Module, spec: dict, num_classes: int, classes_from: str = "the dataset") -> None:
+    """A clear error when the model's output size differs from the dataset's class count (``classes_from``
+    names where that count came from, e.g. an ImageFolder's param and folder)."""
     out = output_classes(model, spec)
     if out != num_classes:
-        raise ValueError(f"class-count mismatch: the model predicts {out} classes but the dataset has {num_classes} "
+        raise ValueError(f"class-count mismatch: the model predicts {out} classes but {classes_from} has {num_classes} "
                          "(check model.arch/model.weights against data.*)")
 
 

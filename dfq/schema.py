@@ -422,16 +422,17 @@ def check_model(p: Params, roots: list[Path] | None = None) -> None:
 
     roots = roots or [Path.cwd()]
     classes = dataset_classes(p, roots)
+    where = f"the ImageFolder data.test_dir={p.data.test_dir}" if p.data.dataset == "imagefolder" else "the dataset"
     try:
         model = build_model(p.model.arch, classes or 10)
         weights = p.model.weights and p.model.weights != "torchvision" and resolve(p.model.weights, roots)
         if weights:
             load_state_dict(model, load_torch(_weights_file(p.model.weights, weights)),
-                            f"model.weights={p.model.weights}", "the dataset" if classes else "the model")
+                            f"model.weights={p.model.weights}", where if classes else "the model")
         spec = input_spec(p.model.arch) or (input_spec("fmnist_resnet") if p.data.dataset == "fashion_mnist"
                                             else input_spec("resnet18"))
         if classes:
-            check_classes(model, spec, classes)
+            check_classes(model, spec, classes, where)
     except (ValueError, RuntimeError) as exc:
         raise ParamsError(f"params.yaml: {exc}") from None
     bn_sources = [s for s in p.generate.sources

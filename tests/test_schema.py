@@ -244,19 +244,48 @@ def test_arch_whose_call_fails_is_named():
         check_model(validate(p))
 
 
-def test_dataset_and_weights_class_counts_are_named(tmp_path):
-    """A 3-class ImageFolder with 10-class weights: the message gives both counts, not state-dict shapes."""
+def _image_folder(root: Path, classes=("cat", "dog", "emu"), per_class=2) -> None:
+    """A real ImageFolder: <root>/{test,train}/<class>/<n>.png, tiny RGB images written with PIL."""
+    from PIL import Image
+
     for split in ("test", "train"):
-        for name in ("cat", "dog", "emu"):
-            (tmp_path / split / name).mkdir(parents=True)
+        for i, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for n in range(per_class):
+                Image.new("RGB", (8, 8), (60 * i, 30 * n, 100)).save(root / split / name / f"{n}.png")
+
+
+def ten_outputs():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+
+
+def test_dataset_and_weights_class_counts_are_named(tmp_path):
+    """A 3-class ImageFolder (real PNG files) with 10-output weights saved by torch.save: the message names the
+    weights file, the folder's param, its 3 classes and the weights' 10 outputs, not state-dict shapes."""
+    from torchvision.datasets import ImageFolder
+
+    _image_folder(tmp_path)
+    assert len(ImageFolder(str(tmp_path / "test")).classes) == 3  # torchvision reads it as 3 classes
     torch.save(build_model("cifar_resnet20", 10).state_dict(), tmp_path / "w10.pt")
+    torch.save({"state_dict": build_model("cifar_resnet20", 3).state_dict()}, tmp_path / "w3.pt")
     p = with_change("data.dataset", "imagefolder")
     p["data"].update(test_dir="test", train_dir="train")
     p["model"].update(arch="cifar_resnet20", weights="w10.pt")
+    check_paths(validate(p), [tmp_path])
     with pytest.raises(ParamsError) as err:
         check_model(validate(p), [tmp_path])
-    assert "model.weights=w10.pt: weights do not match: the dataset has 3 classes and the weights 10" in str(err.value)
+    assert str(err.value).startswith(
+        "params.yaml: model.weights=w10.pt: weights do not match: the ImageFolder data.test_dir=test has 3 classes and "
+        "the weights 10 (linear.weight has 10 outputs)"), str(err.value)
     assert "size mismatch" not in str(err.value)
+    p["model"]["weights"] = "w3.pt"  # weights for the folder's 3 classes pass
+    check_model(validate(p), [tmp_path])
+    # a user model with a 10-class head and no weights: the same folder, named
+    p["model"].update(arch="tests.test_schema:ten_outputs", weights=None)
+    with pytest.raises(ParamsError, match=re.escape("the model predicts 10 classes but the ImageFolder "
+                                                    "data.test_dir=test has 3")):
+        check_model(validate(p), [tmp_path])
 
 
 def test_repeated_sources_are_rejected():
