@@ -6,8 +6,10 @@ ONNX Runtime with integer kernels, and a per-layer quantization map.
 - weights: int8 initializers ``q - z`` (our per-channel grid shifted to zero point 0) with their
   per-channel scales, read by a DequantizeLinear; a grid that does not fit int8 with zero point 0
   (8-bit asymmetric: ``q - z`` spans up to [-255, 255]) is stored as uint8 ``q`` with per-channel zero
-  points ``z`` instead (exact, but ONNX Runtime's QLinearConv takes one weight zero point per layer:
-  see ``integer_report`` for where that leaves a float conv);
+  points ``z`` instead (exact). ONNX Runtime fuses such a layer into QLinearConv/QGemm where a
+  QuantizeLinear reads its output (its WeightBiasQuantization rounds the float bias to int32 at
+  s_x * s_w first: ``quantize.round_biases`` puts the fake-quant bias there) and keeps it a float conv
+  where a float op (a residual Add, a BatchNormalization) reads it;
 - activations: a QuantizeLinear / DequantizeLinear pair (uint8, our scale and zero point) where each
   ActFakeQuantize sits; below 8 bits the uint8 tensor is clipped to [0, 2^b - 1] between the pair
   (an integer Clip), so the narrower grid is exact in an int8 container;
@@ -21,7 +23,8 @@ ONNX Runtime with integer kernels, and a per-layer quantization map.
 
 ONNX Runtime's graph optimizer then fuses DequantizeLinear -> Conv -> QuantizeLinear groups into
 QLinearConv (and Gemm into QGemm, Add into QLinearAdd, ...); what it cannot fuse runs in float on
-dequantized tensors. ``integer_report`` lists both from the optimized graph.
+dequantized tensors. Which kernel each layer gets (``layer_kernels``) and the op counts
+(``integer_report``) are read from the optimized graph ONNX Runtime runs, never assumed by the export.
 """
 from __future__ import annotations
 
@@ -217,9 +220,10 @@ def _layer_name(node) -> str:
     return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
 
 
-def _qdq_rewrite(model) -> dict[str, str]:
+def _qdq_rewrite(model) -> None:
     """Weights as integer initializers, int32 biases, integer clips for sub-8-bit activations, ConvInteger
-    where a conv's output stays float. Returns the kernel each conv/linear gets, by module path."""
+    where a conv's output stays float (int8 weights). Which kernel each layer then runs is decided by ONNX
+    Runtime's optimizer and read from its optimized graph (``layer_kernels``), never assumed here."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -313,17 +317,17 @@ def _qdq_rewrite(model) -> dict[str, str]:
     #    ONNX Runtime fuses it into QLinearConv (bias as int32 at s_x * s_w); if a float op reads it (a
     #    residual add, an unfolded BN), ConvInteger on the integers, then the float rescale s_x * s_w
     #    per channel and the float bias (ONNX Runtime has no such fusion for convs)
-    kernels: dict[str, str] = {}
+    #    (uint8 weights with per-channel zero points, 8-bit asymmetric, are left to ONNX Runtime: its
+    #    WeightBiasQuantization rounds their bias to int32 at s_x * s_w and fuses the group into QLinearConv
+    #    where a QuantizeLinear reads the output; round_biases puts the fake-quant bias on that grid)
     for n in list(g.node):
         if n.op_type not in ("Conv", "Gemm"):
             continue
         dq_x, dq_w = producer.get(n.input[0]), producer.get(n.input[1])
         if dq_x is None or dq_x.op_type != "DequantizeLinear":
-            kernels[_layer_name(n)] = f"float {n.op_type} (input not quantized)"
             continue
         sx, sw, zw = consts[dq_x.input[1]], consts[dq_w.input[1]], consts[dq_w.input[2]]
-        if zw.dtype != np.int8 or np.any(zw != 0):  # 8-bit asymmetric: no integer kernel takes these
-            kernels[_layer_name(n)] = f"float {n.op_type} (uint8 weights, per-channel zero points)"
+        if zw.dtype != np.int8 or np.any(zw != 0):
             continue
         sb = (sx * sw).astype(np.float32)
         has_bias = len(n.input) > 2 and n.input[2] in inits
@@ -339,9 +343,7 @@ def _qdq_rewrite(model) -> dict[str, str]:
                 new_nodes.append(helper.make_node("DequantizeLinear", [name, name + "_scale", name + "_zero_point"],
                                                   [name + "_dq"], axis=0, name=name + "_DequantizeLinear"))
                 n.input[2] = name + "_dq"
-            kernels[_layer_name(n)] = "QGemm" if n.op_type == "Gemm" else "QLinearConv"
             continue
-        kernels[_layer_name(n)] = "ConvInteger + float rescale"
         base = n.output[0]
         c = sw.size
         # ONNX Runtime's ConvInteger is ~3.6x faster with uint8 weights (u8u8) than int8 ones: the same
@@ -380,7 +382,6 @@ def _qdq_rewrite(model) -> dict[str, str]:
     g.initializer.extend(keep + [i for i in new_inits if i.name in used])
     _toposort(g)
     onnx.checker.check_model(model)
-    return kernels
 
 
 def _toposort(g) -> None:
@@ -414,10 +415,11 @@ def to_onnx(gm: nn.Module, input_shape: tuple[int, ...], protocol: str = "zeroq"
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     model = onnx.load_from_string(buf.getvalue())
-    kernels = _qdq_rewrite(model)
+    _qdq_rewrite(model)
+    data = model.SerializeToString()
+    kernels = layer_kernels(optimized_model(data))
     for r in records:
         r["kernel"] = kernels.get(r["layer"], "?")
-    data = model.SerializeToString()
     if path is not None:
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
@@ -442,8 +444,8 @@ def session(model: bytes | str | Path, threads: int = 1, optimized_path: str | P
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def optimized_ops(model: bytes | str | Path, threads: int = 1) -> Counter:
-    """Op types of the graph ONNX Runtime actually runs after its optimizations."""
+def optimized_model(model: bytes | str | Path, threads: int = 1):
+    """The graph ONNX Runtime actually runs after its optimizations (an onnx ModelProto)."""
     import tempfile
 
     import onnx
@@ -451,7 +453,34 @@ def optimized_ops(model: bytes | str | Path, threads: int = 1) -> Counter:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "optimized.onnx"
         session(model, threads, path)
-        return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        return onnx.load(str(path))
+
+
+def optimized_ops(model, threads: int = 1) -> Counter:
+    """Op types of the graph ONNX Runtime actually runs after its optimizations (``model``: ONNX bytes or
+    path, or an optimized ModelProto from ``optimized_model``)."""
+    if not hasattr(model, "graph"):
+        model = optimized_model(model, threads)
+    return Counter(n.op_type for n in model.graph.node)
+
+
+# the ops of an optimized graph that compute a conv/linear layer, and how the quant map names them
+LAYER_KERNELS = {"QLinearConv": "QLinearConv", "QGemm": "QGemm", "QLinearMatMul": "QLinearMatMul",
+                 "ConvInteger": "ConvInteger + float rescale", "MatMulInteger": "MatMulInteger + float rescale",
+                 "MatMulIntegerToFloat": "MatMulIntegerToFloat", "Conv": "float Conv", "FusedConv": "float Conv",
+                 "NchwcConv": "float Conv", "Gemm": "float Gemm", "FusedGemm": "float Gemm", "MatMul": "float MatMul",
+                 "FusedMatMul": "float MatMul"}
+
+
+def layer_kernels(optimized) -> dict[str, str]:
+    """The kernel ONNX Runtime runs for each conv/linear layer (by torch module path), read from its optimized
+    graph: an integer kernel's name (QLinearConv, QGemm, ConvInteger + float rescale, ...) or 'float <op>'.
+    Fused and rewritten nodes keep the exported node's name as a prefix ('/layers.0/conv1/Conv_token_4')."""
+    kernels: dict[str, str] = {}
+    for n in optimized.graph.node:
+        if n.op_type in LAYER_KERNELS and n.name.strip("/").count("/"):
+            kernels.setdefault(_layer_name(n), LAYER_KERNELS[n.op_type])
+    return kernels
 
 
 def integer_report(ops: Counter) -> dict:
@@ -513,8 +542,9 @@ def quant_map(records: list[dict], acts: list[dict], report: dict, title: str) -
              "- ConvInteger accumulates in int32; its output is rescaled (x s_x s_w per channel) and its bias "
              "added in float, because a float op (a residual Add, a BatchNormalization) reads it, as in the "
              "fake-quant model.",
-             "- QLinearConv/QGemm biases are int32 at s_x s_w (QLinearConv's contract): rounded by at most "
-             "s_x s_w / 2, the one place where the integer model differs from the fake-quant one.",
+             "- QLinearConv/QGemm biases are int32 at s_x s_w (QLinearConv's contract; ONNX Runtime rounds a float "
+             "bias there itself): with `quantize.bias: int32` the fake-quant model's biases are already on that "
+             "grid, with `float` they move by up to s_x s_w / 2 in the integer model.",
              f"- Layers whose input is not quantized (float conv/linear): {', '.join(unquantized) or 'none'}.",
              "- Tensors that no quantizer reads stay FP32 exactly as in the fake-quant model: residual sums "
              "before their ReLU/quantizer, pooled features where no quantizer follows the pooling, the logits.",

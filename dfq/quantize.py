@@ -280,11 +280,15 @@ def input_quantizer(root: nn.Module, g: fx.GraphModule, src: fx.Node, prefixes: 
 
 @torch.no_grad()
 def round_biases(gm: nn.Module) -> int:
-    """Put biases on the int32 grid an integer engine adds them on (what dfq.export writes): step
-    s_x * s_w per output channel (s_x: the scale of the layer's input quantizer), for every conv/linear
-    whose input is quantized and whose weight integers fit int8 at zero point 0. A conv whose only reader
-    is a BatchNorm (zeroq protocol; the export folds it after quantization, scale s_w |gamma / sigma|)
-    gets the BN's shift moved onto the grid s_x s_w |gamma / sigma| instead. Returns the layers changed."""
+    """Put biases on the int32 grid an integer engine adds them on: step s_x * s_w per output channel (s_x:
+    the scale of the layer's input quantizer), for every conv/linear whose input is quantized. That is the
+    grid of dfq.export's int32 biases (int8 weights) and also the one ONNX Runtime's WeightBiasQuantization
+    puts a float bias on when it fuses a layer with uint8 per-channel-zero-point weights (8-bit asymmetric)
+    into QLinearConv/QGemm; where a float op reads the output the rounded bias is exact in float too. A conv
+    whose only reader is a BatchNorm (zeroq protocol; the export folds it after quantization, scale
+    s_w |gamma / sigma|) gets the BN's shift moved onto the grid s_x s_w |gamma / sigma| instead, unless the
+    export keeps that BN a float op (weights that do not fit int8, or a -128 to negate). Returns the layers
+    changed."""
     prefixes = {id(m): n for n, m in gm.named_modules()}
     changed = 0
     for g in [m for m in gm.modules() if isinstance(m, fx.GraphModule)]:
@@ -296,14 +300,14 @@ def round_biases(gm: nn.Module) -> int:
             src = input_quantizer(gm, g, node.args[0], prefixes)
             shape = (-1,) + (1,) * (layer.weight.dim() - 1)
             ints = weight_integers(layer) - layer.weight_zero_point.reshape(shape).to(torch.int32)
-            if src is None or int(ints.min()) < -128 or int(ints.max()) > 127:
-                continue  # float conv in the export: its bias stays float
+            if src is None:
+                continue  # float input: a float conv in the export, its bias stays float
             step = float(src[1].scale) * layer.weight_scale.detach()
             users = list(node.users)
             bn = mods.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
             if isinstance(bn, nn.BatchNorm2d):
-                if bn.bias is None or bn.running_mean is None:
-                    continue
+                if bn.bias is None or bn.running_mean is None or int(ints.min()) < -128 or int(ints.max()) > 127:
+                    continue  # the export keeps this BN a float op
                 gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
                 if ((gain < 0) & (ints.flatten(1).min(1).values < -127)).any():
                     continue  # the export keeps this BN a float op

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from stages._common import load_params, setup_torch
+from stages._common import load_params, save_metrics, setup_torch
 
 
 def main(cell: str) -> None:
@@ -16,7 +16,7 @@ def main(cell: str) -> None:
     from dfq.datasets import InputSpec, open_eval_dataset
     from dfq.evaluate import make_loader
     from dfq.export import activation_map, evaluate_onnx, integer_report, optimized_ops, quant_map, session, to_onnx
-    from dfq.io import load_torch, save_json, save_text
+    from dfq.io import load_torch, save_text
     from dfq.models import load_checkpoint
     from dfq.quantize import load_quantized
 
@@ -31,16 +31,15 @@ def main(cell: str) -> None:
     spec = InputSpec.from_dict(meta["input_spec"])
     out = Path("models/export") / f"{cell}.onnx"
     data, records = to_onnx(gm, (1, *spec.shape), ckpt.get("protocol", "zeroq"), out)
-    if any(r["weights_stored"].startswith("uint8") for r in records):
-        print(f"{cell}: 8-bit asymmetric weights have per-channel zero points, which no ONNX Runtime integer kernel "
-              "takes: those layers run as float convs (exact); quantize.weight_scheme: symmetric exports int8")
     threads = int(os.environ.get("DFQ_THREADS", "0") or 0) or 1
     report = integer_report(optimized_ops(data, threads))
+    floats = [r["layer"] for r in records if r["kernel"].startswith("float")]
+    print(f"{cell}: float conv/linear layers in ONNX Runtime's optimized graph: {', '.join(floats) or 'none'}")
     print(f"{cell}: {out} ({len(data) / 1e6:.2f} MB); integer ops {report['integer_ops']}, float ops {report['float_ops']}")
     loader = make_loader(open_eval_dataset("data/prepared/eval", spec), p["batch_size"])
     m = evaluate_onnx(session(data, threads), loader)
     fq = json.loads(epath.read_text())
-    save_json({"cell": cell, "bits": ckpt["bits"], "protocol": ckpt.get("protocol", "zeroq"),
+    save_metrics({"cell": cell, "bits": ckpt["bits"], "protocol": ckpt.get("protocol", "zeroq"),
                "weight_scheme": ckpt.get("weight_scheme", "asymmetric"),
                "onnx_top1": m["top1"], "onnx_top5": m["top5"], "fakequant_top1": fq["top1"],
                "top1_diff": m["top1"] - fq["top1"], "images": m["images"],
