@@ -52,7 +52,7 @@ def repo(tmp_path_factory):
         if f and f != "dvc.lock" and keep and (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
-    tiny = {"data.num_images": 8, "data.real_pool": 64, "train.epochs": 1, "train.max_images": 2000,
+    tiny = {"data.num_images": 8, "data.real_pool": 64, "data.val_images": 200, "train.epochs": 1, "train.max_images": 2000,
             "generate.sources": ["zeroq", "real"], "generate.batch_size": 8, "generate.zeroq.iterations": 5,
             "quantize.bits": ["w8a8", "w2a2"], "evaluate.batch_size": 2000, "export.cells": ["zeroq-s0-w8a8"],
             "quantize.mixed.cells": []}  # test_mixed_precision_cells adds one
@@ -108,12 +108,21 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert exported["weight_scheme"] == "symmetric" and exported["integer_convs"] == 8, exported
     assert exported["float_convs"] == 1, exported
     fp32 = json.loads((repo / "metrics/fp32.json").read_text())
-    assert set(fp32) == {"top1", "top5"} and 30 < fp32["top1"] <= 100
+    assert set(fp32) == {"top1", "top5", "val_top1", "val_top5", "env"} and 30 < fp32["top1"] <= 100
+    assert 30 < fp32["val_top1"] <= 100 and fp32["val_top1"] != fp32["top1"]  # 200 validation images, not the test set
+    assert json.loads((repo / "data/prepared/meta.json").read_text())["val_images"] == 200
+    assert len(torch_load(repo / "data/prepared/val/val.pt")["labels"]) == 200
+    check_env(fp32["env"], env)
     cells = {}
     for s in ("zeroq", "real"):
         for b in ("w8a8", "w2a2"):
             cells[s, b] = json.loads((repo / f"metrics/eval/{s}-s0-{b}.json").read_text())
             assert (cells[s, b]["source"], cells[s, b]["seed"], cells[s, b]["bits"]) == (s, 0, b)
+            assert 0 <= cells[s, b]["val_top1"] <= cells[s, b]["val_top5"] <= 100
+            check_env(cells[s, b]["env"], env)
+            for kind in ("calibrate", "diversity"):  # every metrics file says what decided it
+                check_env(json.loads((repo / f"metrics/{kind}/{s}-s0{'-' + b if kind == 'calibrate' else ''}.json")
+                                     .read_text())["env"], env)
         # a quantized result is judged: 8 bits stay within 3 points of FP32, 2 bits fall far below it
         # (measured on this tiny profile: 8-bit within ~0.3 points, 2-bit 20-50 points below)
         assert abs(cells[s, "w8a8"]["top1"] - fp32["top1"]) < 3, (s, cells[s, "w8a8"], fp32)
@@ -121,6 +130,7 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
         # every source gets the same number of calibration images
         meta = json.loads((repo / f"data/calib/{s}-s0/meta.json").read_text())
         assert meta["num_images"] == 8 and meta["seed"] == 0
+        check_env(meta["env"], env)  # what decided the generated pixels
     assert cells["zeroq", "w2a2"]["top1"] != cells["real", "w2a2"]["top1"]  # different inputs, different cells
     # results.md shows exactly the metrics files' numbers (one seed: no std)
     results = (repo / "reports/results.md").read_text()
@@ -129,6 +139,10 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
         assert row[1] == "1" and row[2].startswith(f"{fp32['top1']:.2f}")
         assert row[3] == f"{cells[s, 'w8a8']['top1']:.2f} ({cells[s, 'w8a8']['top5']:.2f})"
         assert row[4] == f"{cells[s, 'w2a2']['top1']:.2f} ({cells[s, 'w2a2']['top5']:.2f})"
+    assert "## Validation split" in results and "200 validation images" in results
+    val_row = table_row(results.split("## Validation split")[1], "zeroq")
+    assert val_row[2] == f"{fp32['val_top1']:.2f} ({fp32['val_top5']:.2f})"
+    assert val_row[3] == f"{cells['zeroq', 'w8a8']['val_top1']:.2f} ({cells['zeroq', 'w8a8']['val_top5']:.2f})"
     div = json.loads((repo / "metrics/diversity/zeroq-s0.json").read_text())
     assert len(div["bn_spread"]) == 9 and -1 <= div["feature_cosine"] <= 1
     assert (repo / "reports/accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
@@ -146,6 +160,13 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert tags["git_commit"] == sh(["git", "rev-parse", "HEAD"], repo).strip()
     for (s, b), c in cells.items():
         assert per_seed[f"{s}-{b}"].data.metrics["top1"] == pytest.approx(c["top1"])
+        assert per_seed[f"{s}-{b}"].data.metrics["val_top1"] == pytest.approx(c["val_top1"])
+        assert per_seed[f"{s}-{b}"].data.metrics["fp32_val_top1"] == pytest.approx(fp32["val_top1"])
+        # the run says what decided its numbers: its evaluation's environment as env.* tags
+        assert {k: per_seed[f"{s}-{b}"].data.tags[f"env.{k}"] for k in ("torch", "cpu", "isa", "threads", "device")} \
+            == {k: str(c["env"][k]) for k in ("torch", "cpu", "isa", "threads", "device")}
+    ranked = sh([sys.executable, "-m", "stages.compare", "--metric", "val_top1"], repo, env)
+    assert f"| zeroq | w8a8 | {cells['zeroq', 'w8a8']['val_top1']:.2f} (1) |" in ranked, ranked
     # the exported cell's run carries its ONNX Runtime metrics, its quant map and the ONNX model itself
     ex = per_seed["zeroq-w8a8"]
     assert ex.data.metrics["onnx_top1"] == pytest.approx(exported["onnx_top1"])
@@ -325,6 +346,21 @@ def test_finetune_cells(repo, env):
     assert not list((repo / ".dfq-scratch/finetune").glob("*/state.pt"))  # the scratch is dropped when done
     set_param(repo, "finetune.sources", [])  # the tests below count the runs of uniform cells only
     assert ran(sh(["dvc", "repro"], repo, env)) == {"report", "track"}
+
+
+def check_env(got, env, _threads={}):
+    """A metrics file's env against values read here: torch's version, /proc/cpuinfo's model name, the thread
+    count the stages ran with (DFQ_THREADS, else torch's default in a fresh process), the device."""
+    import torch
+
+    if "n" not in _threads:  # once per session
+        _threads["n"] = int(env.get("DFQ_THREADS") or 0) or int(
+            sh([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], ROOT, env).strip())
+    assert got["torch"] == torch.__version__ and got["threads"] == _threads["n"], got
+    assert got["device"] == env.get("DFQ_DEVICE", "cpu") and got["isa"], got
+    model = re.search(r"^model name\s*:\s*(.+?)\s*$", Path("/proc/cpuinfo").read_text(), re.M)
+    if model:
+        assert got["cpu"] == model.group(1), got
 
 
 def torch_load(path):
