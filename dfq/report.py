@@ -64,6 +64,9 @@ def aggregate(cells: pd.DataFrame, metrics=("top1", "top5", "val_top1", "val_top
     return out.reset_index()
 
 
+RANKING_SEEDS = 3  # seeds a ranking of sources needs (DEVELOPERS.md: one seed at W4A4 moves by a point or more)
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
@@ -87,6 +90,11 @@ def results_table(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[
         n = int(idx.loc[s]["seeds"].max()) if s in idx.index.get_level_values(0) else 0
         ref = f"{fp32[t1]:.2f} ({fp32[t5]:.2f})" if t1 in fp32 else "n/a"
         lines.append(f"| {s} | {n} | {ref} | " + " | ".join(cells) + " |")
+    fewest = int(agg["seeds"].min()) if len(agg) else 0
+    if fewest < RANKING_SEEDS:
+        lines += ["", f"**{fewest} seed{'s' * (fewest != 1)} per cell: not a ranking.** A cell moves by up to a point "
+                      f"between seeds at W4A4 (between machines too, README); rank sources on the mean of at least "
+                      f"{RANKING_SEEDS} seeds (`generate.seeds: [0, 1, 2]`)."]
     return "\n".join(lines) + "\n"
 
 

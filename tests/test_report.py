@@ -36,6 +36,7 @@ def test_seed_aggregation_on_made_up_metrics(tmp_path):
                                  ["w8a8", "w4a4"])
     assert "| zeroq | 3 | 81.03 (99.10) | 80.50 ± 0.50 (99.00) | 72.00 ± 2.00 (99.00) |" in table
     assert "| dsg | 3 | 81.03 (99.10) | 81.00 ± 0.00 (99.00) | 76.00 ± 1.73 (99.00) |" in table
+    assert "not a ranking" not in table  # 3 seeds: a mean a ranking may use
     per_seed = report.seeds_table(cells, ["w8a8", "w4a4"])
     assert "| dsg | 2 | 81.00 | 78.00 |" in per_seed
 
@@ -44,8 +45,9 @@ def test_one_seed_has_no_std_and_a_missing_cell_names_its_stage(tmp_path):
     ev, cal = _write_cells(tmp_path, {("real", 0, "w4a4"): 73.5})
     agg = report.aggregate(report.set_metrics(["real"], [0], ["w4a4"], ev, cal))
     assert pd.isna(agg.loc[0, "top1_std"])
-    assert "| real | 1 | 81.00 (99.00) | 73.50 (99.00) |" in report.results_table(
-        {"top1": 81.0, "top5": 99.0}, agg, ["real"], ["w4a4"])
+    table = report.results_table({"top1": 81.0, "top5": 99.0}, agg, ["real"], ["w4a4"])
+    assert "| real | 1 | 81.00 (99.00) | 73.50 (99.00) |" in table
+    assert "**1 seed per cell: not a ranking.**" in table  # the table says what one seed cannot show
     with pytest.raises(FileNotFoundError, match="evaluate@real-1-w4a4"):
         report.set_metrics(["real"], [1], ["w4a4"], ev, cal)
 
