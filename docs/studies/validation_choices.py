@@ -62,7 +62,7 @@ def score(gm, loaders) -> dict:
 def done_rows(out: Path) -> set[tuple]:
     if not out.is_file():
         return set()
-    df = read_rows(out).astype(str)
+    df = read_rows(out, numeric=False)
     return {tuple(r[k] for k in ("study", "set", "protocol", "method", "lr", "epochs")) for _, r in df.iterrows()}
 
 
@@ -79,7 +79,7 @@ def append(out: Path, row: dict) -> None:
     print(row, flush=True)
 
 
-def read_rows(out: Path):
+def read_rows(out: Path, numeric: bool = True):
     """The CSV as a DataFrame (rows without kl_end/seconds, as the first version of this script wrote them
     with a shorter header, are read by their field count)."""
     import pandas as pd
@@ -89,17 +89,19 @@ def read_rows(out: Path):
         lines = list(csv.reader(f))
     rows = [dict(zip(FIELDS if len(r) == len(FIELDS) else short, r)) for r in lines[1:]]
     df = pd.DataFrame(rows)
-    for c in ("val_top1", "top1", "lr", "epochs"):
+    for c in ("val_top1", "top1", "lr", "epochs") if numeric else ():
         df[c] = pd.to_numeric(df[c])
     return df
 
 
-def act_study(run: Path, out: Path, loaders, bits=(4, 4)) -> None:
+def act_study(run: Path, out: Path, loaders, sources=None, methods=METHODS, bits=(4, 4)) -> None:
     done = done_rows(out)
     for set_dir in sorted(p for p in (run / "data/calib").iterdir() if p.is_dir()):
+        if sources and set_dir.name.rsplit("-s", 1)[0] not in sources:
+            continue
         batches = [load_torch(f) for f in sorted(set_dir.glob("batch_*.pt"))]
         for protocol in ("zeroq", "brecq"):
-            for method in METHODS:
+            for method in methods:
                 key = ("act", set_dir.name, protocol, method, "", "")
                 if key in done:
                     continue
@@ -178,6 +180,8 @@ def main() -> None:
     ap.add_argument("--real-pool", type=int, default=2048)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--sources", nargs="+", help="act: only these sources' sets (default: every set)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), help="act: these act_methods")
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3])
     ap.add_argument("--epochs", type=int, nargs="+", default=[5, 10, 20])
     a = ap.parse_args()
@@ -187,7 +191,7 @@ def main() -> None:
     torch.set_num_threads(1)
     loaders = datasets(a.run, a.val_images, a.real_pool, a.data_seed)
     if a.study == "act":
-        act_study(a.run, a.out, loaders)
+        act_study(a.run, a.out, loaders, a.sources, a.methods)
     else:
         finetune_study(a.run, a.out, loaders, a.seeds, a.lrs, a.epochs)
 
