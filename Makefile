@@ -26,7 +26,7 @@ data-package:
 setup: $(VENV)/.installed data-package
 
 repro: setup
-	python -m stages.validate
+	python -m cli.validate
 	dvc repro
 
 test: setup
@@ -34,7 +34,7 @@ test: setup
 
 # Opens on the runs table of track.experiment (MLflow 3's UI would open its GenAI overview).
 ui:
-	@python -c "from dfq.tracking import runs_page_url; import yaml; \
+	@python -c "from dfq.pipeline.tracking import runs_page_url; import yaml; \
 	e = yaml.safe_load(open('params.yaml'))['track']['experiment']; \
 	print('MLflow UI: open', runs_page_url('sqlite:///$(abspath mlflow.db)', e))"
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1
@@ -42,10 +42,10 @@ ui:
 # Run the pipeline under a params profile as a DVC experiment (profiles/*.yaml), e.g.
 #   make exp PROFILE=cifar10-resnet20      make ablation
 exp: setup
-	python -m stages.profile $(PROFILE)
+	python -m cli.profile $(PROFILE)
 
 ablation: setup
-	python -m stages.profile ablation
+	python -m cli.profile ablation
 
 # Reconstruction study (CIFAR-10 ResNet-20, W4A4 and W3A3, zeroq/dsg_code/real data, seeds 0 and 1): one
 # queued experiment per rounding, run one at a time; the first generates the synthetic data, the others
@@ -53,7 +53,7 @@ ablation: setup
 ROUNDINGS ?= nearest qdrop adaround brecq
 recon: setup
 	mlflow db upgrade sqlite:///$(abspath mlflow.db)
-	for r in $(ROUNDINGS); do python -m stages.profile cifar10-resnet20-recon --queue -n recon-$$r \
+	for r in $(ROUNDINGS); do python -m cli.profile cifar10-resnet20-recon --queue -n recon-$$r \
 	  -S quantize.rounding=$$r || exit 1; done
 	DFQ_THREADS=1 dvc queue start -j 1
 
@@ -62,21 +62,21 @@ recon: setup
 # 64 images per set; gaussian/zeroq/real/dsg/dsg_code at W4A4 under min-max and the DSG code's range
 # rule; the walk from the paper's recipe to the code's; W6A6; percentile and MSE ranges; the code's own
 # 40-image budget; then the default model. DFQ_THREADS=1 keeps a shared 2-core machine from thrashing.
-# Then: python -m stages.compare --metric top1 --filter "tags.bits = 'w4a4'"
+# Then: python -m cli.compare --metric top1 --filter "tags.bits = 'w4a4'"
 W4 := -S 'quantize.bits=["w4a4"]'
 DEFAULT_STUDY := -S 'export.cells=[]' -S quantize.weight_scheme=asymmetric -S quantize.bias=float -S 'generate.seeds=[0,1,2]' -S 'generate.sources=["gaussian","zeroq","real","dsg","dsg_code"]' \
   -S 'quantize.bits=["w6a6","w4a4"]'
 dsg-study: setup
 	mlflow db upgrade sqlite:///$(abspath mlflow.db)
-	python -m stages.profile cifar10-resnet20 --queue -n main-minmax $(W4)
-	python -m stages.profile cifar10-resnet20 --queue -n main-dsgrange $(W4) -S quantize.act_method=dsg
-	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n walk-minmax
-	python -m stages.profile cifar10-resnet20-dsg-walk --queue -n walk-dsgrange -S quantize.act_method=dsg
-	python -m stages.profile cifar10-resnet20 --queue -n w6-minmax -S 'quantize.bits=["w6a6"]'
-	python -m stages.profile cifar10-resnet20 --queue -n w6-dsgrange -S 'quantize.bits=["w6a6"]' -S quantize.act_method=dsg
-	python -m stages.profile cifar10-resnet20 --queue -n main-percentile $(W4) -S quantize.act_method=percentile
-	python -m stages.profile cifar10-resnet20 --queue -n main-mse $(W4) -S quantize.act_method=mse
-	python -m stages.profile cifar10-resnet20 --queue -n peer40-minmax $(W4) -S data.num_images=40 \
+	python -m cli.profile cifar10-resnet20 --queue -n main-minmax $(W4)
+	python -m cli.profile cifar10-resnet20 --queue -n main-dsgrange $(W4) -S quantize.act_method=dsg
+	python -m cli.profile cifar10-resnet20-dsg-walk --queue -n walk-minmax
+	python -m cli.profile cifar10-resnet20-dsg-walk --queue -n walk-dsgrange -S quantize.act_method=dsg
+	python -m cli.profile cifar10-resnet20 --queue -n w6-minmax -S 'quantize.bits=["w6a6"]'
+	python -m cli.profile cifar10-resnet20 --queue -n w6-dsgrange -S 'quantize.bits=["w6a6"]' -S quantize.act_method=dsg
+	python -m cli.profile cifar10-resnet20 --queue -n main-percentile $(W4) -S quantize.act_method=percentile
+	python -m cli.profile cifar10-resnet20 --queue -n main-mse $(W4) -S quantize.act_method=mse
+	python -m cli.profile cifar10-resnet20 --queue -n peer40-minmax $(W4) -S data.num_images=40 \
 	  -S generate.batch_size=40 -S 'generate.sources=["dsg_code","zeroq"]'
 	dvc exp run --queue -n default-minmax $(DEFAULT_STUDY)
 	dvc exp run --queue -n default-dsgrange $(DEFAULT_STUDY) -S quantize.act_method=dsg

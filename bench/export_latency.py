@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from dfq.export import integer_report, optimized_ops, run, session, to_onnx
+from dfq.deploy.export import integer_report, optimized_ops, run, session, to_onnx
 from dfq.io import load_torch, save_text
-from dfq.models import build_model, load_checkpoint, load_state_dict
-from dfq.observers import MinMaxObserver
-from dfq.quantize import calibrate, prepare
+from dfq.fp32.models import build_model, load_checkpoint, load_state_dict
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import calibrate, prepare
 
 
 def models() -> list[tuple[str, torch.nn.Module, tuple[int, int, int]]]:

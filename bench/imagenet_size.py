@@ -14,12 +14,12 @@ import platform
 
 import torch
 
-from dfq import benchmark as B
-from dfq.generators import gaussian_batch
+from bench import timing as B
+from dfq.generation.generators import gaussian_batch
 from dfq.io import load_torch, save_text
-from dfq.models import build_model, count_bn, input_spec, load_state_dict
-from dfq.observers import MinMaxObserver
-from dfq.quantize import calibrate, prepare
+from dfq.fp32.models import build_model, count_bn, input_spec, load_state_dict
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import calibrate, prepare
 
 
 def generation_rows(model, shape, batch: int, iters: int, dev: str, fmt=torch.contiguous_format) -> list[tuple]:

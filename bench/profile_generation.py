@@ -11,9 +11,9 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dfq.generators import gaussian_batch, optimize_images
-from dfq.losses import zeroq_loss
-from dfq.models import build_model, input_spec
+from dfq.generation.generators import gaussian_batch, optimize_images
+from dfq.generation.losses import zeroq_loss
+from dfq.fp32.models import build_model, input_spec
 
 
 def main() -> None:

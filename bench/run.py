@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from dfq import benchmark as B
-from dfq.datasets import InputSpec, open_eval_dataset
-from dfq.generators import batch_sizes, gaussian_batch
+from bench import timing as B
+from dfq.fp32.datasets import InputSpec, open_eval_dataset
+from dfq.generation.generators import batch_sizes, gaussian_batch
 from dfq.io import load_torch, save_text
-from dfq.models import load_checkpoint
-from dfq.quantize import load_quantized
-from dfq.report import aggregate, results_table, set_metrics
+from dfq.fp32.models import load_checkpoint
+from dfq.quant.prepare import load_quantized
+from dfq.pipeline.report import aggregate, results_table, set_metrics
 
 
 def run_pipeline(profile: str) -> None:
-    cmd = ["dvc", "repro"] if profile == "default" else ["python", "-m", "stages.profile", profile]
+    cmd = ["dvc", "repro"] if profile == "default" else ["python", "-m", "cli.profile", profile]
     print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 

@@ -20,8 +20,8 @@ def roots() -> list[Path]:
 
 
 def read_params() -> dict:
-    """params.yaml, validated as a whole against dfq.schema (one clear error naming the bad keys)."""
-    from dfq.schema import ParamsError, check_paths, validate
+    """params.yaml, validated as a whole against dfq.pipeline.schema (one clear error naming the bad keys)."""
+    from dfq.pipeline.schema import ParamsError, check_paths, validate
 
     path = Path(PARAMS_FILE)
     if not path.is_file():
@@ -90,8 +90,8 @@ def save_metrics(metrics: dict, path: str | os.PathLike) -> None:
 def accuracy(model, spec, batch_size: int, desc: str, prepared: str = "data/prepared") -> dict:
     """Top-1/top-5 % of ``model`` on the test set (``<prepared>/eval``: top1, top5) and on the validation split
     (``<prepared>/val``: val_top1, val_top5; absent when the data stage drew none, data.val_images 0)."""
-    from dfq.datasets import open_eval_dataset
-    from dfq.evaluate import evaluate, make_loader
+    from dfq.fp32.datasets import open_eval_dataset
+    from dfq.fp32.evaluate import evaluate, make_loader
 
     if not Path(prepared, "val").is_dir():
         raise SystemExit(f"{prepared}/val: missing (written by the data stage since data.val_images): rerun the data "

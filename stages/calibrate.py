@@ -19,11 +19,11 @@ def main(source: str, bits: str) -> None:
     q = load_params("quantize")
     torch = setup_torch()
     from dfq.io import load_torch, save_torch
-    from dfq.models import load_checkpoint
-    from dfq.observers import make_observer
-    from dfq.quantize import calibrate, prepare, round_biases, summary, weight_size
-    from dfq.quantizers import is_mixed, parse_bits, parse_mixed
-    from dfq.reconstruction import ReconConfig, reconstruct
+    from dfq.fp32.models import load_checkpoint
+    from dfq.quant.observers import make_observer
+    from dfq.quant.prepare import calibrate, prepare, round_biases, summary, weight_size
+    from dfq.cells import is_mixed, parse_bits, parse_mixed
+    from dfq.quant.reconstruction import ReconConfig, reconstruct
 
     try:
         wbits, abits = parse_mixed(bits) if is_mixed(bits) else parse_bits(bits)
@@ -36,7 +36,7 @@ def main(source: str, bits: str) -> None:
         raise SystemExit(f"data/calib/{source}: no calibration batches found")
     layer_bits = alloc = None
     if is_mixed(bits):  # bits of every weight layer: the exact allocation under the cell's budget
-        from dfq.sensitivity import allocate_cell, load_measurement  # not a dep of uniform cells
+        from dfq.quant.sensitivity import allocate_cell, load_measurement  # not a dep of uniform cells
         try:
             layer_bits, alloc = allocate_cell(load_measurement(
                 f"metrics/sensitivity/{source}.json", q["protocol"], q["weight_scheme"], q["weight_range"]), bits)
@@ -54,7 +54,7 @@ def main(source: str, bits: str) -> None:
         n = len(data)
         print(f"{source}-{bits}: {q['rounding']} reconstruction on {n} images", flush=True)
         recon = reconstruct(gm, data, q["rounding"], ReconConfig(**q["reconstruction"]), device())
-    biases = round_biases(gm) if q["bias"] == "int32" else 0  # on the int32 grid dfq.export writes them on
+    biases = round_biases(gm) if q["bias"] == "int32" else 0  # on the int32 grid dfq.deploy.export writes them on
     seconds = time.perf_counter() - start
     info = {"source": source, "bits": bits, "protocol": q["protocol"], "weight_scheme": q["weight_scheme"],
             "weight_range": q["weight_range"], "bias": q["bias"], "rounding": q["rounding"],

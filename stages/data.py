@@ -4,7 +4,7 @@ fashion_mnist: IDX files -> uint8 tensors (torchvision's reader). imagefolder: <
 folders (CIFAR-10 JPEGs in ../shared, an ImageNet validation layout): read in place through a manifest,
 never copied. Outputs: data/prepared/{train,eval}/, calib_real.pt (data.real_pool normalised training
 images; each seed of the real source draws data.num_images of them), val/ (the validation split:
-data.val_images other training images, the same format as eval/; dfq.datasets.split_indices), meta.json.
+data.val_images other training images, the same format as eval/; dfq.fp32.datasets.split_indices), meta.json.
 """
 from stages._common import load_params, resolve_path, setup_torch
 
@@ -17,9 +17,9 @@ def main() -> None:
     import tempfile
     from pathlib import Path
 
-    from dfq import datasets as ds
+    from dfq.fp32 import datasets as ds
     from dfq.io import atomic_dir, save_json, save_torch
-    from dfq.models import input_spec
+    from dfq.fp32.models import input_spec
 
     with atomic_dir(OUT) as tmp:
         (tmp / "train").mkdir(), (tmp / "eval").mkdir(), (tmp / "val").mkdir()
@@ -65,8 +65,8 @@ def main() -> None:
 
 
 def split(n: int, pool: int, val: int, seed: int, pool_param: str = "data.real_pool"):
-    """Pool and validation indices (dfq.datasets.split_indices); too few training images stop the stage."""
-    from dfq.datasets import split_indices
+    """Pool and validation indices (dfq.fp32.datasets.split_indices); too few training images stop the stage."""
+    from dfq.fp32.datasets import split_indices
 
     try:
         return split_indices(n, pool, val, seed, pool_param)

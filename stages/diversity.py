@@ -7,9 +7,9 @@ from stages._common import device, save_metrics, setup_torch
 
 def main(source: str) -> None:
     setup_torch()
-    from dfq.diversity import diagnose
+    from dfq.generation.diversity import diagnose
     from dfq.io import load_torch
-    from dfq.models import load_checkpoint
+    from dfq.fp32.models import load_checkpoint
 
     model, _ = load_checkpoint("models/fp32.pt")
     files = sorted(Path("data/calib", source).glob("batch_*.pt"))

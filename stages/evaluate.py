@@ -11,10 +11,10 @@ from stages._common import accuracy, load_params, save_metrics, setup_torch
 def main(source: str, bits: str) -> None:
     p = load_params("evaluate")
     setup_torch()
-    from dfq.datasets import InputSpec
+    from dfq.fp32.datasets import InputSpec
     from dfq.io import load_torch
-    from dfq.models import load_checkpoint
-    from dfq.quantize import load_quantized, weight_size
+    from dfq.fp32.models import load_checkpoint
+    from dfq.quant.prepare import load_quantized, weight_size
 
     model, meta = load_checkpoint("models/fp32.pt")
     ckpt = load_torch(Path("models/quant") / f"{source}-{bits}.pt")

@@ -13,12 +13,12 @@ from stages._common import load_params, save_metrics, setup_torch
 def main(cell: str) -> None:
     p = load_params("export")
     setup_torch()
-    from dfq.datasets import InputSpec, open_eval_dataset
-    from dfq.evaluate import make_loader
-    from dfq.export import activation_map, evaluate_onnx, integer_report, optimized_ops, quant_map, session, to_onnx
+    from dfq.fp32.datasets import InputSpec, open_eval_dataset
+    from dfq.fp32.evaluate import make_loader
+    from dfq.deploy.export import activation_map, evaluate_onnx, integer_report, optimized_ops, quant_map, session, to_onnx
     from dfq.io import load_torch, save_text
-    from dfq.models import load_checkpoint
-    from dfq.quantize import load_quantized
+    from dfq.fp32.models import load_checkpoint
+    from dfq.quant.prepare import load_quantized
 
     qpath, epath = Path("models/quant") / f"{cell}.pt", Path("metrics/eval") / f"{cell}.json"
     for f in (qpath, epath):

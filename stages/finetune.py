@@ -14,11 +14,11 @@ from stages._common import device, load_params, provenance, setup_torch
 def main(name: str, bits: str) -> None:
     p = load_params("finetune")
     torch = setup_torch()
-    from dfq import sharding
-    from dfq.finetune import FinetuneConfig, finetune
+    from dfq.generation import sharding
+    from dfq.quant.finetune import FinetuneConfig, finetune
     from dfq.io import load_torch, save_json, save_torch
-    from dfq.models import load_checkpoint
-    from dfq.quantize import load_quantized
+    from dfq.fp32.models import load_checkpoint
+    from dfq.quant.prepare import load_quantized
 
     cell = Path("models/quant") / f"{name}-{bits}.pt"
     files = [f for d in ("data/calib", "data/finetune") for f in sorted(Path(d, name).glob("batch_*.pt"))]
@@ -33,7 +33,7 @@ def main(name: str, bits: str) -> None:
     ckpt = load_torch(cell)
     student = load_quantized(load_checkpoint("models/fp32.pt")[0], ckpt)
     key = sharding.scratch_key({"cfg": p["train"], "threads": torch.get_num_threads(), "n": len(images)},
-                               ["models/fp32.pt", cell, "dfq/finetune.py", *files])
+                               ["models/fp32.pt", cell, "dfq/quant/finetune.py", *files])
     scratch = Path(".dfq-scratch", "finetune", f"{name}-{bits}-{key}")
     scratch.mkdir(parents=True, exist_ok=True)
     if (scratch / "state.pt").is_file():

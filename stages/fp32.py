@@ -11,10 +11,10 @@ DATA = "data/prepared"
 def main() -> None:
     model_p, train_p, eval_p = load_params("model", "train", "evaluate")
     torch = setup_torch()
-    from dfq import models
-    from dfq.datasets import InputSpec
+    from dfq.fp32 import models
+    from dfq.fp32.datasets import InputSpec
     from dfq.io import load_torch
-    from dfq.train import train_classifier
+    from dfq.fp32.train import train_classifier
 
     meta = json.loads(Path(DATA, "meta.json").read_text())
     spec, num_classes, arch = InputSpec.from_dict(meta["input_spec"]), meta["num_classes"], model_p["arch"]

@@ -14,15 +14,16 @@ from pathlib import Path
 
 from stages._common import device, load_params, provenance, setup_torch
 
-CODE = ["dfq/generators.py", "dfq/losses.py", "dfq/bn_stats.py", "dfq/sharding.py", "stages/generate.py"]
+CODE = ["dfq/generation/generators.py", "dfq/generation/losses.py", "dfq/generation/bn_stats.py", "dfq/generation/sharding.py", "stages/generate.py"]
 
 
 def main(source: str, seed: int, extend: bool = False) -> None:
     data_p, gen_p, ft_p = load_params("data", "generate", "finetune")
     torch = setup_torch()
-    from dfq import generators, sharding
+    from dfq import cells
+    from dfq.generation import generators, sharding
     from dfq.io import load_torch
-    from dfq.models import load_checkpoint
+    from dfq.fp32.models import load_checkpoint
 
     if source not in gen_p or not isinstance(gen_p[source], dict):
         raise SystemExit(f"generate source {source!r} has no params group generate.{source} in params.yaml")
@@ -32,7 +33,7 @@ def main(source: str, seed: int, extend: bool = False) -> None:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     model, meta = load_checkpoint("models/fp32.pt")
-    sizes, name = generators.batch_sizes(data_p["num_images"], gen_p["batch_size"]), generators.set_name(source, seed)
+    sizes, name = generators.batch_sizes(data_p["num_images"], gen_p["batch_size"]), cells.set_name(source, seed)
     first, n = (len(sizes), ft_p["num_images"] - data_p["num_images"]) if extend else (0, 0)
     sizes, out = sizes + generators.batch_sizes(n, gen_p["batch_size"]), Path("data/finetune" if extend else "data/calib", name)
     shape = tuple(meta["input_spec"]["shape"])

@@ -13,7 +13,7 @@ def main() -> None:
     tuned = [f"{b}-ft" for b in ft_p["bits"]] if ft_p["sources"] else []
     bits = uniform + mixed + tuned
     setup_torch()
-    from dfq import report
+    from dfq.pipeline import report
     from dfq.io import load_torch
 
     fp32 = json.loads(Path("metrics/fp32.json").read_text())
@@ -42,7 +42,7 @@ def main() -> None:
         + ("\n## Mixed-precision allocations\n\nWeight bits per layer (* fixed by the protocol); heat maps and "
            "frontiers: `reports/sensitivity/<source>-s<seed>.png`.\n\n" + report.allocations_table(allocs)
            if allocs else "") + ("\n## Data-free fine-tuning\n\nTop-1 %, mean ± std over seeds (`<bits>-FT` columns above); "
-                                 "README, dfq/finetune.py.\n\n" + report.finetune_table(agg, ft_p["sources"], ft_p["bits"])
+                                 "README, dfq/quant/finetune.py.\n\n" + report.finetune_table(agg, ft_p["sources"], ft_p["bits"])
                                  if tuned else "") + "\n## Quantizer\n\n"
         + report.calibration_table(cells, agg, sources, bits) + "\n## Diversity of the calibration sets\n\n"
         + "Mean over seeds.\n\n" + report.diversity_table(diversity)

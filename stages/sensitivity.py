@@ -16,9 +16,9 @@ from stages._common import device, load_params, save_metrics, setup_torch
 def main(calib_set: str) -> None:
     q = load_params("quantize")
     setup_torch()
-    from dfq import sensitivity
+    from dfq.quant import sensitivity
     from dfq.io import load_torch
-    from dfq.models import load_checkpoint
+    from dfq.fp32.models import load_checkpoint
 
     model, _ = load_checkpoint("models/fp32.pt")
     files = sorted(Path("data/calib", calib_set).glob("batch_*.pt"))

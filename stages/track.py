@@ -18,8 +18,8 @@ ARTIFACTS = ["reports/results.md", "reports/accuracy_vs_bits.png", "reports/size
 def main() -> None:
     data_p, model_p, train_p, gen_p, quant_p, track_p, ft_p = load_params("data", "model", "train", "generate", "quantize",
                                                                          "track", "finetune")
-    from dfq import report, tracking
-    from dfq.tracking import lock_md5
+    from dfq.pipeline import report, tracking
+    from dfq.pipeline.tracking import lock_md5
 
     root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
     lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}

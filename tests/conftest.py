@@ -66,7 +66,7 @@ def wait_for_http(url: str, proc, timeout: float, what: str) -> None:
 def _narrow_resnet():
     """A narrow FMNIST ResNet (3 residual blocks, 2 with 1x1-conv shortcuts) for 16 x 16 inputs, with
     non-trivial BN running statistics; the same weights on every call."""
-    from dfq.models import FMNISTResNet
+    from dfq.fp32.models import FMNISTResNet
 
     torch.manual_seed(0)
     m = FMNISTResNet(widths=(8, 12, 16))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dfq.bn_stats import STD_EPS, BNInputStats, per_sample_stats, shifted_moments
+from dfq.generation.bn_stats import STD_EPS, BNInputStats, per_sample_stats, shifted_moments
 
 
 def test_per_sample_stats_match_direct_computation():

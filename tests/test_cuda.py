@@ -6,14 +6,14 @@ Skipped where no CUDA device is visible (CI has none); run on a GPU machine with
 import pytest
 import torch
 
-from dfq.bn_stats import BNInputStats, per_sample_stats
-from dfq.evaluate import evaluate
-from dfq.generators import dsg_batch, zeroq_batch
-from dfq.losses import dsg_loss, lse_weights, zeroq_loss
-from dfq.models import build_model
-from dfq.observers import MinMaxObserver, make_observer
-from dfq.quantize import calibrate, prepare, weight_quantized_layers
-from dfq.reconstruction import ReconConfig, reconstruct
+from dfq.generation.bn_stats import BNInputStats, per_sample_stats
+from dfq.fp32.evaluate import evaluate
+from dfq.generation.generators import dsg_batch, zeroq_batch
+from dfq.generation.losses import dsg_loss, lse_weights, zeroq_loss
+from dfq.fp32.models import build_model
+from dfq.quant.observers import MinMaxObserver, make_observer
+from dfq.quant.prepare import calibrate, prepare, weight_quantized_layers
+from dfq.quant.reconstruction import ReconConfig, reconstruct
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 CUDA = "cuda"

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfq.datasets import FASHION_MNIST_SPEC, InputSpec, NormalizedTensorDataset, calibration_subset, load_fashion_mnist
+from dfq.fp32.datasets import FASHION_MNIST_SPEC, InputSpec, NormalizedTensorDataset, calibration_subset, load_fashion_mnist
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -44,7 +44,7 @@ def test_reads_the_debian_package_with_torchvision(tmp_path):
 
 
 def test_normalisation_uses_the_specs_mean_and_std():
-    from dfq.models import INPUT_SPECS, input_spec
+    from dfq.fp32.models import INPUT_SPECS, input_spec
 
     x = torch.tensor([[[0, 73, 128, 255]]], dtype=torch.uint8)  # (1, 1, 4)
     expected = (x.float() / 255 - 0.2860) / 0.3530
@@ -77,8 +77,8 @@ def test_imagenet_evaluation_transform_resizes_to_256_and_crops_224(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from dfq.datasets import default_resize, folder_manifest, open_eval_dataset
-    from dfq.models import input_spec
+    from dfq.fp32.datasets import default_resize, folder_manifest, open_eval_dataset
+    from dfq.fp32.models import input_spec
 
     spec = InputSpec.from_dict(input_spec("resnet18"))
     assert spec.shape == (3, 224, 224) and default_resize(spec) == 256
@@ -111,7 +111,7 @@ def _old_pool(images, num_images, seed):
 @pytest.mark.parametrize("n, pool, val, seed", [(5000, 2048, 2500, 0), (60000, 2048, 5000, 0), (1000, 64, 200, 7),
                                                 (100, 40, 60, 3)])
 def test_validation_split_is_disjoint_from_the_pool_and_the_pool_is_unchanged(n, pool, val, seed):
-    from dfq.datasets import split_indices
+    from dfq.fp32.datasets import split_indices
 
     pool_idx, val_idx = split_indices(n, pool, val, seed)
     images = torch.arange(n) * 3 + 1  # distinct "images": an image's value names its index
@@ -128,7 +128,7 @@ def test_validation_split_is_disjoint_from_the_pool_and_the_pool_is_unchanged(n,
 
 
 def test_too_few_training_images_name_the_param():
-    from dfq.datasets import split_indices
+    from dfq.fp32.datasets import split_indices
 
     with pytest.raises(ValueError, match=r"data.val_images=2953: .*real pool \(2048 images, data.real_pool\) need 5001 .*only 5000"):
         split_indices(5000, 2048, 2953, 0)
@@ -142,7 +142,7 @@ def test_schema_bounds_the_fashion_mnist_validation_split():
 
     import yaml
 
-    from dfq.schema import ParamsError, validate
+    from dfq.pipeline.schema import ParamsError, validate
 
     good = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     assert good["data"]["val_images"] == 5000
@@ -187,7 +187,7 @@ def test_data_stage_writes_the_validation_split(tmp_path):
     permutation (recomputed here), readable like the test set; the pool is the old formula's; meta counts them."""
     import json
 
-    from dfq.datasets import open_eval_dataset
+    from dfq.fp32.datasets import open_eval_dataset
     from dfq.io import load_torch
 
     r = _run_data_stage(tmp_path, {"real_pool": 300, "val_images": 500, "seed": 5})

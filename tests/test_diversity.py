@@ -1,6 +1,6 @@
 import torch
 
-from dfq.diversity import diagnose
+from dfq.generation.diversity import diagnose
 
 
 def test_identical_samples_have_zero_spread_and_unit_cosine(tiny_bn):

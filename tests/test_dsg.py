@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from dfq.bn_stats import BNInputStats
-from dfq.generators import compute_margins, dsg_batch, extras_seed, init_images, probe_seed
-from dfq.losses import (dsg_loss, jitter, l2_norm_loss, label_loss, lse_weights, sda_loss_matrix, sda_margins,
+from dfq.generation.bn_stats import BNInputStats
+from dfq.generation.generators import compute_margins, dsg_batch, extras_seed, init_images, probe_seed
+from dfq.generation.losses import (dsg_loss, jitter, l2_norm_loss, label_loss, lse_weights, sda_loss_matrix, sda_margins,
                         total_variation_l2, unbiased, zeroq_loss)
 
 
@@ -194,17 +194,17 @@ def test_jitter_rolls_by_the_offset_hand_computed():
 def test_code_recipe_jitter_offsets_cover_minus_jitter_to_jitter(tiny_bn, monkeypatch):
     """Every iteration of a code-recipe batch draws a new offset, uniform on {-jitter, ..., jitter - 1}: over 300
     iterations with jitter 3, each of -3..2 is used (negatives included), nothing outside. The offsets are
-    recorded by wrapping dfq.losses.jitter, which still rolls the batch."""
-    import dfq.losses
+    recorded by wrapping dfq.generation.losses.jitter, which still rolls the batch."""
+    import dfq.generation.losses
 
     used = []
-    roll = dfq.losses.jitter
+    roll = dfq.generation.losses.jitter
 
     def observed(x, offset):
         used.append(offset)
         return roll(x, offset)
 
-    monkeypatch.setattr(dfq.losses, "jitter", observed)
+    monkeypatch.setattr(dfq.generation.losses, "jitter", observed)
     dsg_batch(tiny_bn, (2, 1, 8, 8), 4, iterations=300, lr=0.05, sda=False, lse=False, tv_weight=0.01,
               l2_weight=0.01, jitter=3)
     assert len(used) == 301  # 300 iterations and the final loss

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dfq.evaluate import evaluate, make_loader
+from dfq.fp32.evaluate import evaluate, make_loader
 
 
 class Logits(torch.nn.Module):
@@ -63,7 +63,7 @@ def _count(model, images, labels):
 def test_stage_accuracy_on_the_test_set_and_the_validation_split(tmp_path):
     """stages._common.accuracy (what the fp32 and evaluate stages write): top1/top5 on data/prepared/eval and
     val_top1/val_top5 on data/prepared/val, each equal to a count made here; no validation images, no val_ keys."""
-    from dfq.datasets import FASHION_MNIST_SPEC
+    from dfq.fp32.datasets import FASHION_MNIST_SPEC
     from stages._common import accuracy
 
     prepared = tmp_path / "prepared"

@@ -5,9 +5,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from dfq.export import activation_map, integer_report, optimized_ops, quant_map, run, session, to_onnx, weight_integers
-from dfq.observers import MinMaxObserver
-from dfq.quantize import act_quantizers, calibrate, prepare, weight_quantized_layers
+from dfq.deploy.export import activation_map, integer_report, optimized_ops, quant_map, run, session, to_onnx, weight_integers
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import act_quantizers, calibrate, prepare, weight_quantized_layers
 
 
 def _calibrated(model, wbits, abits, protocol, scheme="symmetric"):
@@ -158,7 +158,7 @@ def test_int32_biases_make_the_fake_quant_model_the_integer_model(narrow_resnet,
     s_x * s_w * |gamma / sigma|). Without round_biases the fake-quant model keeps float biases and differs
     from ONNX Runtime by up to a grid step; with it, every bias the export writes is already on that grid
     and the logits agree to float rounding (a requantization tie aside)."""
-    from dfq.quantize import round_biases
+    from dfq.quant.prepare import round_biases
 
     torch.manual_seed(3)
     model = narrow_resnet()
@@ -187,8 +187,8 @@ MIXED_LAYERS = {"layers.0.conv1": 3, "layers.0.conv2": 8, "layers.1.conv1": 2, "
 
 
 def _grid_cell(model, protocol, scheme, bias, bits):
-    from dfq.observers import DSGRangeObserver
-    from dfq.quantize import round_biases
+    from dfq.quant.observers import DSGRangeObserver
+    from dfq.quant.prepare import round_biases
 
     torch.manual_seed(5)
     x = torch.randn(320, 1, 16, 16)
@@ -204,7 +204,7 @@ def _grid_cell(model, protocol, scheme, bias, bits):
 
 
 def _optimized_graph_kernels(data, tmp_path):
-    """Independently of dfq.export: for each layer, the op types of the optimized graph's nodes named after it."""
+    """Independently of dfq.deploy.export: for each layer, the op types of the optimized graph's nodes named after it."""
     session(data, 1, tmp_path / "opt.onnx")
     ops: dict[str, set] = {}
     for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node:
@@ -263,7 +263,7 @@ def test_negative_bn_gamma_exports_negated_integers():
     channel's integers negated. The file holds exactly -q for those channels and q for the others (q computed
     here from the FP32 weight: symmetric 4-bit, round(w / s) with s = max|w| / 7), and ONNX Runtime computes the
     fake-quant model."""
-    from dfq.quantize import round_biases
+    from dfq.quant.prepare import round_biases
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
@@ -336,7 +336,7 @@ def test_activation_fake_quant_rounds_as_quantize_linear():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from dfq.quantizers import ActFakeQuantize
+    from dfq.quant.fake_quant import ActFakeQuantize
 
     s, z = 0.0371, 3
     graph = helper.make_graph(

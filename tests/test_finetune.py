@@ -1,4 +1,4 @@
-"""Data-free fine-tuning (dfq.finetune): KL distillation into a calibrated fake-quant model."""
+"""Data-free fine-tuning (dfq.quant.finetune): KL distillation into a calibrated fake-quant model."""
 import copy
 import math
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.finetune import FinetuneConfig, _schedule, augment, finetune, kl_divergence, mean_kl
+from dfq.quant.finetune import FinetuneConfig, _schedule, augment, finetune, kl_divergence, mean_kl
 from dfq.io import load_torch
-from dfq.observers import MinMaxObserver
-from dfq.quantize import act_quantizers, calibrate, load_quantized, prepare, round_biases, weight_quantized_layers
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import act_quantizers, calibrate, load_quantized, prepare, round_biases, weight_quantized_layers
 
 
 def _images(n=64):
@@ -235,7 +235,7 @@ def test_one_step_lowers_the_kl(narrow_resnet, protocol):
 def test_weights_stay_on_their_grid_and_export_as_integers(narrow_resnet):
     """After fine-tuning every weight is its quantized value (the fixed grid), the checkpoint round-trips,
     and ONNX Runtime's integer model gives the fake-quant logits (int32 biases put back on their grid)."""
-    from dfq.export import run, session, to_onnx
+    from dfq.deploy.export import run, session, to_onnx
 
     images = _images()
     student = _student(narrow_resnet(), images, 8, 8)

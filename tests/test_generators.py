@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from dfq.bn_stats import BNInputStats
-from dfq.generators import batch_seed, batch_sizes, gaussian_batch, init_images, optimize_images, zeroq_batch
-from dfq.losses import zeroq_loss
+from dfq.generation.bn_stats import BNInputStats
+from dfq.generation.generators import batch_seed, batch_sizes, gaussian_batch, init_images, optimize_images, zeroq_batch
+from dfq.generation.losses import zeroq_loss
 
 
 def test_batch_seed_depends_on_seed_and_index_only():
@@ -47,7 +47,7 @@ def test_non_finite_loss_names_the_iteration(tiny_bn):
 
 
 def test_real_subset_continued_is_disjoint_and_leaves_the_set_unchanged():
-    from dfq.generators import real_subset
+    from dfq.generation.generators import real_subset
 
     pool = torch.arange(100, dtype=torch.float32).view(100, 1)
     first = real_subset(pool, 20, seed=3)

@@ -1,7 +1,7 @@
 import torch
 
-from dfq.bn_stats import BNInputStats
-from dfq.losses import image_prior_loss, layer_loss_matrix, zeroq_loss
+from dfq.generation.bn_stats import BNInputStats
+from dfq.generation.losses import image_prior_loss, layer_loss_matrix, zeroq_loss
 
 
 def test_zeroq_loss_hand_computed():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_for_http
-from dfq.tracking import Cell, log_cells
+from dfq.pipeline.tracking import Cell, log_cells
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dfq.models import ARCHS, build_model, count_bn, load_checkpoint, load_state_dict, save_checkpoint
+from dfq.fp32.models import ARCHS, build_model, count_bn, load_checkpoint, load_state_dict, save_checkpoint
 
 
 def test_fmnist_resnet_has_at_least_8_bn_layers_and_residual_blocks():

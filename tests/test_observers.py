@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dfq.observers import EMAMinMaxObserver, MinMaxObserver, MSEObserver, PercentileObserver, make_observer
+from dfq.quant.observers import EMAMinMaxObserver, MinMaxObserver, MSEObserver, PercentileObserver, make_observer
 
 
 def _batches(seed=0):
@@ -142,7 +142,7 @@ def test_unknown_method_names_the_param():
 def test_dsg_range_rule_hand_made():
     """The official DSG code's rule: per-sample min/max averaged over the batch, running extreme over
     batches, starting from 0."""
-    from dfq.observers import make_observer
+    from dfq.quant.observers import make_observer
 
     obs = make_observer("dsg")
     b1 = torch.tensor([[1.0, 2.0, 5.0], [3.0, 4.0, 9.0]])          # mins 1, 3 -> 2; maxs 5, 9 -> 7

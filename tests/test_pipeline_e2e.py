@@ -165,7 +165,7 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
         # the run says what decided its numbers: its evaluation's environment as env.* tags
         assert {k: per_seed[f"{s}-{b}"].data.tags[f"env.{k}"] for k in ("torch", "cpu", "isa", "threads", "device")} \
             == {k: str(c["env"][k]) for k in ("torch", "cpu", "isa", "threads", "device")}
-    ranked = sh([sys.executable, "-m", "stages.compare", "--metric", "val_top1"], repo, env)
+    ranked = sh([sys.executable, "-m", "cli.compare", "--metric", "val_top1"], repo, env)
     assert f"| zeroq | w8a8 | {cells['zeroq', 'w8a8']['val_top1']:.2f} (1) |" in ranked, ranked
     # the exported cell's run carries its ONNX Runtime metrics, its quant map and the ONNX model itself
     ex = per_seed["zeroq-w8a8"]

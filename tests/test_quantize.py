@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.models import build_model
-from dfq.observers import MinMaxObserver
-from dfq.quantize import NothingQuantizedError, act_quantizers, calibrate, load_calibrated, prepare, summary
+from dfq.fp32.models import build_model
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import NothingQuantizedError, act_quantizers, calibrate, load_calibrated, prepare, summary
 
 
 class MethodRelu(nn.Module):
@@ -89,7 +89,7 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("arch,shape", [("fmnist_resnet", (4, 1, 28, 28)), ("cifar_resnet20", (4, 3, 32, 32)),
                                         ("resnet18", (2, 3, 64, 64)), ("mobilenet_v2", (2, 3, 64, 64))])
 def test_brecq_protocol_bn_folding_keeps_fp32_outputs(arch, shape):
-    from dfq.quantize import set_quant_state
+    from dfq.quant.prepare import set_quant_state
 
     model = _randomize_bn(build_model(arch, 10))
     gm = prepare(model, 4, 4, MinMaxObserver, protocol="brecq")
@@ -102,7 +102,7 @@ def test_brecq_protocol_bn_folding_keeps_fp32_outputs(arch, shape):
 
 
 def test_brecq_protocol_first_and_last_layer_at_8_bits():
-    from dfq.quantize import weight_quantized_layers
+    from dfq.quant.prepare import weight_quantized_layers
 
     gm = prepare(build_model("cifar_resnet20", 10), 4, 4, MinMaxObserver, protocol="brecq")
     assert gm.conv1.weight_bits == 8 and gm.linear.weight_bits == 8
@@ -125,7 +125,7 @@ def test_zeroq_protocol_keeps_every_layer_at_target_bits():
 
 @pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
 def test_load_quantized_round_trip(protocol):
-    from dfq.quantize import load_quantized
+    from dfq.quant.prepare import load_quantized
 
     model = _randomize_bn(build_model("fmnist_resnet", 10))
     x = torch.randn(8, 1, 28, 28)
@@ -147,8 +147,8 @@ GRID_KEEPING_METHODS = {"view", "reshape", "flatten", "contiguous", "relu"}
 def _origin(node, modules):
     """('fq', quantizer) | ('acc', None) for a conv/linear output | ('other', node), walking back through
     grid-keeping ops."""
-    from dfq.quantize import QUANT_TYPES
-    from dfq.quantizers import ActFakeQuantize
+    from dfq.quant.prepare import QUANT_TYPES
+    from dfq.quant.fake_quant import ActFakeQuantize
 
     while True:
         mod = modules.get(node.target) if node.op == "call_module" else None
@@ -179,7 +179,7 @@ def test_brecq_protocol_every_conv_linear_and_add_reads_quantized_tensors(arch, 
 
     from torch import fx
 
-    from dfq.quantize import QUANT_TYPES
+    from dfq.quant.prepare import QUANT_TYPES
 
     torch.manual_seed(0)
     gm = prepare(_randomize_bn(build_model(arch, 10)), 4, 4, MinMaxObserver, protocol="brecq")
@@ -225,8 +225,8 @@ def test_brecq_protocol_every_conv_linear_and_add_reads_quantized_tensors(arch, 
 def test_mse_weight_range_in_prepare_and_checkpoint(protocol):
     """prepare searches every layer's per-channel range (a different grid from min-max), and the
     checkpoint's weight_range rebuilds the same model."""
-    from dfq.quantize import load_quantized, weight_quantized_layers
-    from dfq.quantizers import weight_qparams
+    from dfq.quant.prepare import load_quantized, weight_quantized_layers
+    from dfq.quant.fake_quant import weight_qparams
 
     model = _randomize_bn(build_model("fmnist_resnet", 10))
     x = torch.randn(8, 1, 28, 28)

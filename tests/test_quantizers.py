@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dfq.quantizers import QuantConv2d, fake_quantize, parse_bits, qparams_from_range, weight_qparams
+from dfq.quant.fake_quant import QuantConv2d, fake_quantize, qparams_from_range, weight_qparams
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -57,7 +57,7 @@ def _independent_fake_quant_weight(w: torch.Tensor, bits: int, scheme: str = "as
 def test_quant_conv_uses_quantized_weight(bits, scheme):
     """The layer's output is the convolution with an independently fake-quantized copy of conv.weight
     (a grid of the wrong width, range or rounding fails), and the weight takes at most 2^b levels."""
-    from dfq.quantizers import QuantLinear
+    from dfq.quant.fake_quant import QuantLinear
 
     torch.manual_seed(bits)
     conv = torch.nn.Conv2d(2, 3, 3, bias=True)
@@ -84,19 +84,8 @@ def test_quant_conv_uses_quantized_weight(bits, scheme):
                               rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec,expected", [("w8a8", (8, 8)), ("w4a8", (4, 8)), ("w2a2", (2, 2))])
-def test_parse_bits(spec, expected):
-    assert parse_bits(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["w9a8", "w1a1", "8", "w4", "a4w4"])
-def test_parse_bits_rejects(spec):
-    with pytest.raises(ValueError, match="2..8"):
-        parse_bits(spec)
-
-
 def test_symmetric_weights_are_signed_integers_with_zero_point_zero():
-    from dfq.quantizers import weight_qparams
+    from dfq.quant.fake_quant import weight_qparams
 
     torch.manual_seed(0)
     w = torch.randn(5, 3, 3, 3)
@@ -112,7 +101,7 @@ def test_symmetric_weights_are_signed_integers_with_zero_point_zero():
 
 
 def test_adaround_h_in_unit_interval_starts_at_w_and_regulariser_binarises():
-    from dfq.quantizers import AdaRoundWeight, weight_qparams
+    from dfq.quant.fake_quant import AdaRoundWeight, weight_qparams
 
     torch.manual_seed(0)
     w = torch.randn(8, 4, 3, 3)
@@ -199,30 +188,6 @@ def test_unknown_weight_range_names_the_param():
         weight_qparams(torch.randn(4, 4), 4, "asymmetric", "l3")
 
 
-@pytest.mark.parametrize("spec,expected", [("mp4a4", (4.0, 4)), ("mp3.5a8", (3.5, 8)), ("mp2a2", (2.0, 2)),
-                                           ("mp8a8", (8.0, 8)), ("mp2.25a4", (2.25, 4))])
-def test_parse_mixed(spec, expected):
-    from dfq.quantizers import is_mixed, parse_mixed
-
-    assert parse_mixed(spec) == expected and is_mixed(spec) and not is_mixed("w4a4")
-
-
-def test_mixed_budget_in_bits_or_megabytes():
-    from dfq.quantizers import mixed_budget
-
-    assert mixed_budget("mp3.5a8") == ("bits", 3.5, 8)
-    assert mixed_budget("mp0.03mba4") == ("mb", 0.03, 4) and mixed_budget("mp12mba8") == ("mb", 12.0, 8)
-
-
-@pytest.mark.parametrize("spec", ["mp9a4", "mp8.5a4", "mp1a4", "mp4a9", "mp4.0a4", "mp4", "w4a4", "mp.5a4", "mp0mba4",
-                                  "mp0.10mba4", "mp1mba9", "mp1mb"])
-def test_parse_mixed_rejects(spec):
-    from dfq.quantizers import parse_mixed
-
-    with pytest.raises(ValueError, match="expected 'mp<B>a<A>'"):
-        parse_mixed(spec)
-
-
 @pytest.mark.parametrize("scheme,weight_range", [("asymmetric", "minmax"), ("symmetric", "mse")])
 def test_set_weight_bits_regrids_like_a_fresh_layer(scheme, weight_range):
     torch.manual_seed(0)
@@ -241,7 +206,7 @@ def test_set_weight_bits_regrids_like_a_fresh_layer(scheme, weight_range):
 def test_quantize_dequantize_gradient_is_torchs_straight_through():
     """The straight-through gradient of dfq's x / s fake quant equals torch's fused op's (a second
     implementation): 1 inside the grid, 0 where the value is clamped at either end."""
-    from dfq.quantizers import quantize_dequantize
+    from dfq.quant.fake_quant import quantize_dequantize
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(20000, generator=g) * 0.6).requires_grad_()

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dfq.datasets import InputSpec, ManifestDataset, folder_manifest, folder_transform, open_eval_dataset
-from dfq.evaluate import evaluate, make_loader
+from dfq.fp32.datasets import InputSpec, ManifestDataset, folder_manifest, folder_transform, open_eval_dataset
+from dfq.fp32.evaluate import evaluate, make_loader
 from dfq.io import load_torch
-from dfq.models import build_model, check_classes, count_bn, input_spec, load_state_dict
+from dfq.fp32.models import build_model, check_classes, count_bn, input_spec, load_state_dict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CKPT = SHARED / "models" / "resnet20-12fca82f.th"

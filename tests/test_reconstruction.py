@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from dfq.observers import MinMaxObserver
-from dfq.quantize import act_quantizers, calibrate, find_blocks, prepare, set_quant_state, weight_quantized_layers
-from dfq.reconstruction import ReconConfig, beta_at, capture, reconstruct, recon_units, unit_error
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import act_quantizers, calibrate, find_blocks, prepare, set_quant_state, weight_quantized_layers
+from dfq.quant.reconstruction import ReconConfig, beta_at, capture, reconstruct, recon_units, unit_error
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_beta_annealing_and_warmup():
 
 
 def test_qdrop_drop_keeps_some_elements_full_precision():
-    from dfq.quantizers import ActFakeQuantize
+    from dfq.quant.fake_quant import ActFakeQuantize
 
     fq = ActFakeQuantize(2, MinMaxObserver())
     x = torch.linspace(-1, 1, 1000)
@@ -114,7 +114,7 @@ def test_unit_error_is_zero_in_full_precision(data, narrow_resnet):
 def test_every_target_is_the_untouched_fp32_output(data, method, narrow_resnet, monkeypatch):
     """Unit k's target is the FP32 model's output of unit k on the FP32 model's own input, exactly, also
     after earlier units were rounded (their rounded weights are written into the quantized model)."""
-    import dfq.reconstruction as recon_mod
+    import dfq.quant.reconstruction as recon_mod
 
     targets = []
     real = recon_mod.optimize_unit
@@ -144,8 +144,8 @@ def test_qdrop_drops_only_while_reconstructing(data, narrow_resnet):
     """QDrop: activation elements skip quantization only while a block is optimised. Afterwards, in
     the model and in evaluation, drop_prob is 0 everywhere, two passes agree exactly, and every
     activation quantizer outputs the full fake-quantization of its input."""
-    from dfq.evaluate import evaluate
-    from dfq.quantize import load_quantized
+    from dfq.fp32.evaluate import evaluate
+    from dfq.quant.prepare import load_quantized
 
     model = narrow_resnet()
     gm = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
@@ -188,8 +188,8 @@ def test_brecq_step_size_phase_result_is_what_the_model_keeps(data, narrow_resne
     """BRECQ's second phase: each unit's activation step sizes move away from the calibrated ones,
     lower the unit's error, and the final model holds them (its error on the phase's own inputs and
     targets is the logged act_error_after)."""
-    import dfq.reconstruction as recon_mod
-    from dfq.quantizers import ActFakeQuantize
+    import dfq.quant.reconstruction as recon_mod
+    from dfq.quant.fake_quant import ActFakeQuantize
 
     calibrated, phase = {}, {}
     learn = ActFakeQuantize.learn_scale

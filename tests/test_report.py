@@ -3,8 +3,9 @@ import json
 import pandas as pd
 import pytest
 
-from dfq import report
-from dfq.generators import parse_set, real_subset, set_name
+from dfq.pipeline import report
+from dfq.cells import parse_set, set_name
+from dfq.generation.generators import real_subset
 
 
 def _write_cells(tmp_path, values):

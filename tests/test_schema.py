@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from dfq.models import build_model
-from dfq.schema import ParamsError, check_model, check_paths, validate
+from dfq.fp32.models import build_model
+from dfq.pipeline.schema import ParamsError, check_model, check_paths, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -1,4 +1,4 @@
-"""Per-layer sensitivity and the exact mixed-precision allocation (dfq/sensitivity.py)."""
+"""Per-layer sensitivity and the exact mixed-precision allocation (dfq/quant/sensitivity.py)."""
 import copy
 import itertools
 
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from dfq.io import load_torch, save_torch
-from dfq.observers import MinMaxObserver
-from dfq.quantize import calibrate, layer_bits, load_quantized, prepare, weight_quantized_layers, weight_size
-from dfq.quantizers import fake_quantize, weight_qparams
-from dfq.sensitivity import (allocate, allocate_cell, budget_bits, frontier_of, frontier_table, load_measurement,
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import calibrate, layer_bits, load_quantized, prepare, weight_quantized_layers, weight_size
+from dfq.quant.fake_quant import fake_quantize, weight_qparams
+from dfq.quant.sensitivity import (allocate, allocate_cell, budget_bits, frontier_of, frontier_table, load_measurement,
                              measure, pareto_frontier)
 
 CANDIDATES = [2, 3, 4, 6, 8]
@@ -198,8 +198,8 @@ def test_a_size_budget_in_mb_fits_the_whole_model_and_is_optimal(batches, narrow
 
 def test_a_mixed_cell_exports_with_its_own_bits_per_layer(zeroq_sens, batches, narrow_resnet):
     """ONNX Runtime runs a mixed model (each layer its own grid, stored in int8) with the fake-quant logits."""
-    from dfq.export import run, session, to_onnx
-    from dfq.quantize import round_biases
+    from dfq.deploy.export import run, session, to_onnx
+    from dfq.quant.prepare import round_biases
 
     per_layer, _ = allocate_cell(zeroq_sens, "mp3.5a8")
     gm = prepare(narrow_resnet(), 8, 8, MinMaxObserver, "zeroq", "symmetric", layer_bits=per_layer)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from dfq.models import build_model, save_checkpoint
-from dfq.sharding import my_batches, scratch_key
+from dfq.fp32.models import build_model, save_checkpoint
+from dfq.generation.sharding import my_batches, scratch_key
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from dfq import sharding
-from dfq.generators import batch_seed, generate_batch, init_images
+from dfq.generation import sharding
+from dfq.generation.generators import batch_seed, generate_batch, init_images
 from dfq.io import load_torch
-from dfq.observers import MinMaxObserver
-from dfq.quantize import calibrate, prepare
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import calibrate, prepare
 
 SHAPE = (1, 16, 16)
 

@@ -8,9 +8,10 @@ import torch
 import torchvision
 from torch import nn
 
-from dfq.bn_stats import BNInputStats, bn_layers
-from dfq.datasets import InputSpec, folder_transform
-from dfq.models import TORCHVISION_ARCHS, build_model, count_bn, input_spec, load_torchvision_weights
+from dfq.generation.bn_stats import BNInputStats
+from dfq.tracing import bn_layers
+from dfq.fp32.datasets import InputSpec, folder_transform
+from dfq.fp32.models import TORCHVISION_ARCHS, build_model, count_bn, input_spec, load_torchvision_weights
 
 SIZE = {"inception_v3": 80}  # the smallest input Inception3's stem and pooling accept is 75 px; others 64
 
@@ -73,7 +74,7 @@ def test_bn_layers_are_exactly_those_an_eval_forward_runs(arch):
 @pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
 def test_one_dsg_generation_step(arch):
     """SDA margins, LSE over the executed BN layers and one Adam step of the pixels: finite and moved."""
-    from dfq.generators import dsg_batch
+    from dfq.generation.generators import dsg_batch
 
     model = build_model(arch, 10).eval()
     x0 = _input(arch, batch=4)
@@ -85,8 +86,8 @@ def test_one_dsg_generation_step(arch):
 
 @pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
 def test_inception_v3_prepare_calibrate_forward(protocol):
-    from dfq.observers import MinMaxObserver
-    from dfq.quantize import calibrate, find_blocks, prepare, summary
+    from dfq.quant.observers import MinMaxObserver
+    from dfq.quant.prepare import calibrate, find_blocks, prepare, summary
 
     torch.manual_seed(0)
     model = build_model("inception_v3", 10).eval()
@@ -110,7 +111,7 @@ def test_inception_v3_prepare_calibrate_forward(protocol):
 def test_executed_modules_is_traced_once_per_model(monkeypatch):
     from torch import fx
 
-    from dfq.models import executed_modules
+    from dfq.tracing import executed_modules
 
     model = build_model("inception_v3", 10)
     calls = []

@@ -1,7 +1,7 @@
 """Real MLflow against a temporary SQLite database (no mocks)."""
 import pytest
 
-from dfq.tracking import HASH_TAG, Cell, TrackingError, default_tracking_uri, log_cells
+from dfq.pipeline.tracking import HASH_TAG, Cell, TrackingError, default_tracking_uri, log_cells
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -66,9 +66,9 @@ def test_default_uri_is_absolute_sqlite(tmp_path, monkeypatch):
 
 
 def test_compare_across_experiments_and_the_experiment_kind(tmp_path):
-    """stages.compare's table: mean, std and count over the per-seed runs of each DVC experiment; aggregate
+    """cli.compare's table: mean, std and count over the per-seed runs of each DVC experiment; aggregate
     runs left out; a cell logged twice counts once (the latest)."""
-    from dfq.tracking import compare, compare_markdown, runs_page_url
+    from dfq.pipeline.tracking import compare, compare_markdown, runs_page_url
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     kw = dict(uri=uri, experiment="t", artifact_location=(tmp_path / "art").as_uri())
@@ -136,7 +136,7 @@ def test_texts_are_logged_and_leave_other_hashes_alone(tmp_path):
 def test_mixed_run_extras_and_cell_params(tmp_path):
     import json
 
-    from dfq.tracking import calibrate_stage, cell_quantize_params, mixed_run_extras
+    from dfq.pipeline.tracking import calibrate_stage, cell_quantize_params, mixed_run_extras
 
     alloc = {"budget_avg_bits": 4.0, "budget_bits": 40, "avg_bits": 3.9, "kl_sum": 0.0123, "allocatable_params": 10,
              "layers": [{"name": "stem.0", "params": 4, "bits": 6, "kl": 0.01, "fixed": False},
@@ -156,9 +156,9 @@ def test_mixed_run_extras_and_cell_params(tmp_path):
 
 def test_validation_metrics_env_tags_and_compare_by_val_top1(tmp_path, monkeypatch, capsys):
     """A cell's run carries val_top1/val_top5 beside top1 and its metrics file's env as env.* tags (None left out);
-    `python -m stages.compare --metric val_top1` ranks the experiments by the validation split."""
-    from dfq.tracking import accuracy_metrics, env_tags, fp32_metrics
-    from stages import compare
+    `python -m cli.compare --metric val_top1` ranks the experiments by the validation split."""
+    from dfq.pipeline.tracking import accuracy_metrics, env_tags, fp32_metrics
+    from cli import compare
 
     fp32 = {"top1": 92.0, "top5": 99.8, "val_top1": 95.0, "val_top5": 99.9, "env": {"threads": 1}}
     assert fp32_metrics(fp32) == {"fp32_top1": 92.0, "fp32_top5": 99.8, "fp32_val_top1": 95.0, "fp32_val_top5": 99.9}

@@ -3,7 +3,7 @@
 Runs on the outputs of a pipeline run (``dvc repro`` of a profile in a scratch clone): models/fp32.pt,
 data/prepared/ (test manifest, training manifest, real pool) and the calibration sets data/calib/<set>/.
 Every cell is scored on the validation split (training images disjoint from the real pool, drawn as the data
-stage draws them: ``dfq.datasets.split_indices``) and on the test set; a choice reads only the ``val_top1``
+stage draws them: ``dfq.fp32.datasets.split_indices``) and on the test set; a choice reads only the ``val_top1``
 column, the test column is reported for what was chosen. One CSV row per cell, appended as it finishes (a
 rerun skips the rows already there).
 
@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dfq.datasets import InputSpec, ManifestDataset, folder_transform, open_eval_dataset, split_indices  # noqa: E402
-from dfq.evaluate import evaluate, make_loader  # noqa: E402
+from dfq.fp32.datasets import InputSpec, ManifestDataset, folder_transform, open_eval_dataset, split_indices  # noqa: E402
+from dfq.fp32.evaluate import evaluate, make_loader  # noqa: E402
 from dfq.io import load_torch  # noqa: E402
-from dfq.models import load_checkpoint  # noqa: E402
-from dfq.observers import make_observer  # noqa: E402
-from dfq.quantize import calibrate, prepare  # noqa: E402
+from dfq.fp32.models import load_checkpoint  # noqa: E402
+from dfq.quant.observers import make_observer  # noqa: E402
+from dfq.quant.prepare import calibrate, prepare  # noqa: E402
 
 METHODS = ("minmax", "dsg", "percentile", "mse")
 # the two protocols as the studies pin them: zeroq as the DSG study (min-max weights), brecq as the
@@ -114,8 +114,8 @@ def act_study(run: Path, out: Path, loaders, sources=None, methods=METHODS, bits
 
 
 def finetune_study(run: Path, out: Path, loaders, seeds, lrs, epochs, calib_images=228, ft_images=342) -> None:
-    from dfq.finetune import FinetuneConfig, finetune
-    from dfq.generators import real_subset
+    from dfq.quant.finetune import FinetuneConfig, finetune
+    from dfq.generation.generators import real_subset
 
     done = done_rows(out)
     pool = load_torch(run / "data/prepared/calib_real.pt")

@@ -7,6 +7,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dfq.io import atomic_path, save_text
+
 
 def set_metrics(sources: list[str], seeds: list[int], bits: list[str], eval_dir="metrics/eval",
                 calib_dir="metrics/calibrate") -> pd.DataFrame:
@@ -320,8 +322,6 @@ def plot_bn_spread(diversity: dict[str, dict], path) -> None:
 
 
 def _save(fig, path) -> None:
-    from dfq.io import atomic_path
-
     plt = _plt()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -329,6 +329,4 @@ def _save(fig, path) -> None:
 
 
 def write_text(text: str, path) -> None:
-    from dfq.io import save_text
-
     save_text(text, Path(path))

@@ -1,4 +1,4 @@
-"""Run the pipeline under a params profile as a DVC experiment: `python -m stages.profile NAME [--queue]`.
+"""Run the pipeline under a params profile as a DVC experiment: `python -m cli.profile NAME [--queue]`.
 
 A profile (profiles/NAME.yaml) maps dotted params keys to values; they become `dvc exp run -S key=value`
 arguments, so params.yaml's defaults stay as they are in git and `dvc exp show` lists the result.
@@ -14,7 +14,7 @@ import yaml
 def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         names = ", ".join(sorted(p.stem for p in Path("profiles").glob("*.yaml")))
-        raise SystemExit(f"usage: python -m stages.profile NAME [--queue] [extra dvc exp run args]; profiles: {names}")
+        raise SystemExit(f"usage: python -m cli.profile NAME [--queue] [extra dvc exp run args]; profiles: {names}")
     path = Path("profiles") / f"{argv[0]}.yaml"
     if not path.is_file():
         raise SystemExit(f"{path}: no such profile")

@@ -13,10 +13,12 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dfq.datasets import FASHION_MNIST_TRAIN_IMAGES
-from dfq.generators import INITS, PROBES, SOURCES
-from dfq.observers import ACT_METHODS
-from dfq.quantizers import mixed_budget, parse_bits, parse_mixed
+from dfq.fp32.datasets import FASHION_MNIST_TRAIN_IMAGES
+from dfq.generation.generators import INITS, PROBES, SOURCES
+from dfq.quant.observers import ACT_METHODS
+from dfq.cells import mixed_budget, parse_cell, parse_bits, parse_mixed
+from dfq.fp32.models import ARCHS, build_model, check_classes, count_bn, input_spec, load_state_dict
+from dfq.io import load_torch
 
 PosInt = Field(gt=0)
 
@@ -66,8 +68,6 @@ class Model(Strict):
     @field_validator("arch")
     @classmethod
     def known_arch(cls, v: str) -> str:
-        from dfq.models import ARCHS
-
         if ":" not in v and v not in ARCHS:
             raise ValueError(f"unknown arch {v!r}; allowed: {', '.join(sorted(ARCHS))} or package.module:callable")
         return v
@@ -252,9 +252,6 @@ class Track(Strict):
     experiment: str = Field(min_length=1)
 
 
-EXPORT_CELL = re.compile(r"^[A-Za-z0-9_]+-s\d+-(w[2-8]a[2-8]|mp[0-9.]+(mb)?a[2-8])(-ft)?$")
-
-
 class Export(Strict):
     cells: list[str] = []          # <source>-s<seed>-<bits>, e.g. zeroq-s0-w8a8
     batch_size: int = Field(default=64, gt=0)
@@ -263,8 +260,7 @@ class Export(Strict):
     @classmethod
     def valid_cells(cls, v: list[str]) -> list[str]:
         for c in v:
-            if not EXPORT_CELL.match(str(c)):
-                raise ValueError(f"cell {c!r} is not <source>-s<seed>-<bits>[-ft] (e.g. zeroq-s0-w8a8, zeroq-s0-mp4a4)")
+            parse_cell(str(c))
         return v
 
 
@@ -281,7 +277,7 @@ class FinetuneTrain(Strict):
 
 
 class Finetune(Strict):
-    """Data-free fine-tuning of the cells finetune.sources x generate.seeds x finetune.bits (dfq.finetune)."""
+    """Data-free fine-tuning of the cells finetune.sources x generate.seeds x finetune.bits (dfq.quant.finetune)."""
     sources: list[str] = []
     bits: list[str] = []
     num_images: int = PosInt
@@ -417,9 +413,6 @@ def dataset_classes(p: Params, roots: list[Path]) -> int:
 def check_model(p: Params, roots: list[Path] | None = None) -> None:
     """The model's class count matches the dataset's (weights included when given as a file), and a
     model without BatchNorm is not asked to feed BN-statistic sources (zeroq, dsg)."""
-    from dfq.io import load_torch
-    from dfq.models import build_model, check_classes, count_bn, input_spec, load_state_dict
-
     roots = roots or [Path.cwd()]
     classes = dataset_classes(p, roots)
     where = f"the ImageFolder data.test_dir={p.data.test_dir}" if p.data.dataset == "imagefolder" else "the dataset"

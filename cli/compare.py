@@ -1,6 +1,6 @@
 """Compare any metric across DVC experiments from MLflow (not a DVC stage: it reads the tracking store).
 
-    python -m stages.compare [--metric top1] [--by source bits] [--across dvc_exp_name]
+    python -m cli.compare [--metric top1] [--by source bits] [--across dvc_exp_name]
                              [--filter "tags.bits = 'w4a4'"] [--out reports/compare.md]
 
 Rows: the ``--by`` run tags; columns: one per value of the ``--across`` tag (the DVC experiment name by
@@ -16,7 +16,7 @@ from stages._common import load_params
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cli.compare", description=__doc__.split("\n")[0])
     ap.add_argument("--metric", default="top1", help="a run metric: top1 / top5 (test set), val_top1 / val_top5 "
                     "(validation split: choose settings on it), top1_drop, weight_mb, onnx_top1, ...")
     ap.add_argument("--by", nargs="+", default=["source", "bits"])
@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     ap.add_argument("--experiment", default=None, help="MLflow experiment (default: params.yaml track.experiment)")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = ap.parse_args(argv)
-    from dfq import tracking
+    from dfq.pipeline import tracking
     from dfq.io import save_text
 
     experiment = args.experiment or load_params("track")["experiment"]

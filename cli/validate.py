@@ -4,7 +4,7 @@ from stages._common import read_params, roots
 
 def main() -> None:
     params = read_params()
-    from dfq.schema import ParamsError, check_model, validate
+    from dfq.pipeline.schema import ParamsError, check_model, validate
 
     try:
         check_model(validate(params), roots())

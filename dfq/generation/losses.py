@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfq.bn_stats import STD_EPS, BNInputStats, per_sample_stats
+from dfq.generation.bn_stats import STD_EPS, BNInputStats, per_sample_stats
 
 
 def unbiased(s: torch.Tensor, n: torch.Tensor | float) -> torch.Tensor:

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dfq.quantize import input_quantizer
-from dfq.quantizers import ActFakeQuantize, QuantConv2d, QuantLinear, weight_integers
+from dfq.quant.prepare import input_quantizer
+from dfq.quant.fake_quant import ActFakeQuantize, QuantConv2d, QuantLinear, weight_integers
+from dfq.io import atomic_path
 
 OPSET = 17
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
@@ -404,8 +405,6 @@ def to_onnx(gm: nn.Module, input_shape: tuple[int, ...], protocol: str = "zeroq"
     """The calibrated fake-quant model ``gm`` as ONNX QDQ bytes (batch axis dynamic), and the layer
     records of ``export_module``; written atomically to ``path`` when given."""
     import onnx
-
-    from dfq.io import atomic_path
 
     module, records = export_module(gm, protocol)
     buf = io.BytesIO()

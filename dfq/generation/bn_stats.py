@@ -10,17 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfq.models import executed_modules
+from dfq.tracing import bn_layers
 
 STD_EPS = 1e-6
-
-
-def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
-    """The BatchNorm2d layers an eval-mode forward pass runs, in ``model.modules()`` order. Layers that
-    are registered but never called in eval mode (Inception3's AuxLogits head) are left out, so every
-    hooked layer is executed and DSG counts only real layers; a model torch.fx cannot trace keeps all."""
-    ran = executed_modules(model)
-    return [m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and (ran is None or name in ran)]
 
 
 class _ShiftedMoments(torch.autograd.Function):

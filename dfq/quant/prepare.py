@@ -30,8 +30,10 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
-from dfq.models import executed_modules
-from dfq.quantizers import ActFakeQuantize, QuantConv2d, QuantLinear, weight_integers
+from dfq.tracing import executed_modules
+from dfq.quant.fake_quant import ActFakeQuantize, QuantConv2d, QuantLinear, weight_integers
+from dfq.quant.observers import MinMaxObserver
+from dfq.cells import is_mixed, parse_bits, parse_mixed
 
 PROTOCOLS = ("zeroq", "brecq")
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
@@ -282,7 +284,7 @@ def input_quantizer(root: nn.Module, g: fx.GraphModule, src: fx.Node, prefixes: 
 def round_biases(gm: nn.Module) -> int:
     """Put biases on the int32 grid an integer engine adds them on: step s_x * s_w per output channel (s_x:
     the scale of the layer's input quantizer), for every conv/linear whose input is quantized. That is the
-    grid of dfq.export's int32 biases (int8 weights) and also the one ONNX Runtime's WeightBiasQuantization
+    grid of dfq.deploy.export's int32 biases (int8 weights) and also the one ONNX Runtime's WeightBiasQuantization
     puts a float bias on when it fuses a layer with uint8 per-channel-zero-point weights (8-bit asymmetric)
     into QLinearConv/QGemm; where a float op reads the output the rounded bias is exact in float too. A conv
     whose only reader is a BatchNorm (zeroq protocol; the export folds it after quantization, scale
@@ -337,9 +339,6 @@ def load_quantized(model: nn.Module, ckpt: dict) -> nn.Module:
     """The fake-quant model saved by the calibrate stage: prepared with the checkpoint's own bits,
     protocol, weight scheme and weight range (older checkpoints: zeroq, asymmetric, minmax), then loaded.
     A mixed-precision checkpoint (bits ``mp<B>a<A>``) carries its per-layer weight bits (``layer_bits``)."""
-    from dfq.observers import MinMaxObserver
-    from dfq.quantizers import is_mixed, parse_bits, parse_mixed
-
     if is_mixed(ckpt["bits"]):
         wbits, abits, per_layer = 8, parse_mixed(ckpt["bits"])[1], ckpt["layer_bits"]
     else:

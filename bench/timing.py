@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dfq.generators import compute_margins, optimize_images
-from dfq.losses import dsg_loss, lse_weights, zeroq_loss
-from dfq.models import count_bn
+from dfq.generation.generators import compute_margins, optimize_images
+from dfq.generation.losses import dsg_loss, lse_weights, zeroq_loss
+from dfq.fp32.models import count_bn
 
 
 def _sync(device) -> None:

@@ -1,7 +1,7 @@
 """Data-free fine-tuning: distil the FP32 model into its calibrated fake-quant model on synthetic images.
 
 The label-free distillation of GDFQ, Qimera, IntraQ and SynQ, on cached images instead of a generator:
-the student is a calibrated fake-quant model (dfq.quantize) and the loss is KL(teacher || student) of
+the student is a calibrated fake-quant model (dfq.quant.prepare) and the loss is KL(teacher || student) of
 the softmax outputs, over randomly cropped and flipped images.
 
 - Weights (and biases, and BN affine parameters) train through the straight-through estimator of their
@@ -24,6 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dfq.quant.prepare import act_quantizers, round_biases
+from dfq.io import load_torch, save_torch
 
 SCHEDULES = ("cosine", "constant")
 
@@ -77,8 +80,6 @@ def mean_kl(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_
 
 def _trainable(gm: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights, biases and BN affine parameters; activation step sizes), the step sizes made learnable."""
-    from dfq.quantize import act_quantizers
-
     for p in gm.parameters():
         p.requires_grad_(False)
     weights = []
@@ -105,13 +106,10 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: 
 
     ``checkpoint``: file of the training state, written after every epoch and resumed from when it exists.
     ``on_epoch(epoch, mean_loss)`` runs after each epoch's checkpoint. ``int32_biases``: an int32-bias cell,
-    whose biases go back on the int32 grid (``dfq.quantize.round_biases``) after training. Returns a summary:
+    whose biases go back on the int32 grid (``dfq.quant.prepare.round_biases``) after training. Returns a summary:
     KL before and after (no augmentation; after: of the model as stored, biases re-rounded), loss per epoch,
     steps, seconds, the epoch it resumed from and the number of layers whose biases were re-rounded."""
     from tqdm import tqdm
-
-    from dfq.io import load_torch, save_torch
-    from dfq.quantize import act_quantizers, round_biases
 
     student.eval().to(device)
     teacher.eval().to(device)

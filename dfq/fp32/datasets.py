@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from dfq.io import load_torch
+
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -211,8 +213,6 @@ def open_eval_dataset(eval_dir: str | Path, spec: InputSpec):
     eval_dir = Path(eval_dir)
     for name in ("test.pt", "val.pt"):  # data/prepared/eval/test.pt, data/prepared/val/val.pt
         if (eval_dir / name).is_file():
-            from dfq.io import load_torch
-
             test = load_torch(eval_dir / name)
             return NormalizedTensorDataset(test["images"], test["labels"], spec)
     manifest = json.loads((eval_dir / "manifest.json").read_text())

@@ -7,12 +7,12 @@ the common CIFAR ResNets do) and the stem uses an ``nn.ReLU`` module, so the qua
 """
 from __future__ import annotations
 
-import weakref
-from typing import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dfq.tracing import bn_layers
+from dfq.io import load_torch, save_torch
 
 
 class BasicBlock(nn.Module):
@@ -196,46 +196,8 @@ def output_classes(model: nn.Module, spec: dict) -> int:
         return int(model.eval()(torch.zeros(1, *spec["shape"])).shape[1])
 
 
-_EXECUTED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def executed_modules(model: nn.Module, leaves: Iterable[str] = ()) -> set[str] | None:
-    """Qualified names of the modules an eval-mode forward pass calls, found by tracing the model with
-    torch.fx (torch.nn layers and the modules named in ``leaves`` are called whole, others traced into).
-    A registered module that eval mode never runs (Inception3's AuxLogits) is absent. None when torch.fx
-    cannot trace the model (data-dependent control flow): callers then take every module as run.
-    Cached per model while its modules stay the same (generation builds BN hooks for every batch, and
-    tracing Inception3 takes about a second)."""
-    from torch import fx
-
-    key = (tuple(leaves), tuple(id(m) for m in model.modules()))
-    hit = _EXECUTED.get(model)
-    if hit is not None and hit[0] == key:
-        return None if hit[1] is None else set(hit[1])
-    leaf_ids = {id(model.get_submodule(n)) for n in leaves}
-
-    class Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return id(m) in leaf_ids or super().is_leaf_module(m, qualname)
-
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        graph = Tracer().trace(model)
-    except Exception:  # any error of a user's forward under symbolic tracing: fall back to all modules
-        graph = None
-    finally:
-        for m, training in modes:
-            m.training = training
-    ran = None if graph is None else frozenset(n.target for n in graph.nodes if n.op == "call_module")
-    _EXECUTED[model] = (key, ran)
-    return None if ran is None else set(ran)
-
-
 def count_bn(model: nn.Module) -> int:
     """Number of BatchNorm2d layers an eval forward runs (those BN-statistic generation matches)."""
-    from dfq.bn_stats import bn_layers
-
     return len(bn_layers(model))
 
 
@@ -281,16 +243,12 @@ def load_state_dict(model: nn.Module, state: dict, source: str, classes_from: st
 
 def save_checkpoint(model: nn.Module, arch: str, num_classes: int, input_spec: dict, path) -> None:
     """An FP32 checkpoint that rebuilds itself: arch, class count, input spec and the state dict."""
-    from dfq.io import save_torch
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_torch({"arch": arch, "num_classes": num_classes, "input_spec": input_spec, "state_dict": state}, path)
 
 
 def load_checkpoint(path) -> tuple[nn.Module, dict]:
     """Rebuild the model saved by ``save_checkpoint`` (loaded with weights_only=True); returns (model, meta)."""
-    from dfq.io import load_torch
-
     ckpt = load_torch(path)
     if not isinstance(ckpt, dict) or not {"arch", "num_classes", "state_dict"} <= ckpt.keys():
         raise ValueError(f"{path}: not a dfq checkpoint (needs arch, num_classes, state_dict)")

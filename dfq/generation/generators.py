@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dfq.bn_stats import BNInputStats
-from dfq.losses import dsg_loss, lse_weights, sda_margins, zeroq_loss
+from dfq.generation.bn_stats import BNInputStats
+from dfq.generation.losses import dsg_loss, lse_weights, sda_margins, zeroq_loss
 
 INITS = ("gaussian", "uniform", "zeroq_uniform")
 PROBES = ("gaussian", "uniform", "init")
@@ -233,19 +233,6 @@ def dsg_batch(
 
 
 SOURCES = ("gaussian", "zeroq", "dsg", "real")
-
-
-def set_name(source: str, seed: int) -> str:
-    """The name of one calibration set: ``<source>-s<seed>`` (data/calib/, models/quant/, metrics/)."""
-    return f"{source}-s{seed}"
-
-
-def parse_set(name: str) -> tuple[str, int]:
-    """(source, seed) of a calibration set name made by ``set_name``."""
-    source, sep, seed = name.rpartition("-s")
-    if not sep or not source or not seed.isdigit():
-        raise ValueError(f"{name!r} is not a calibration set name <source>-s<seed> (e.g. zeroq-s0)")
-    return source, int(seed)
 
 
 def method_of(source: str, cfg: dict) -> str:

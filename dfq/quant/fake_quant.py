@@ -13,51 +13,9 @@ The range [lo, hi] is widened to contain 0 so that zero is exact.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-BITS_PATTERN = re.compile(r"^w([2-8])a([2-8])$")
-# mixed precision: average weight bits B (an integer 2..8 or a decimal without trailing zeros, e.g. 3.5), or
-# a size budget of M megabytes (10^6 bytes) for all quantized weights, e.g. mp0.03mba4
-MIXED_PATTERN = re.compile(r"^mp([2-8](?:\.[0-9]*[1-9])?)a([2-8])$")
-MIXED_MB_PATTERN = re.compile(r"^mp([0-9]+(?:\.[0-9]*[1-9])?)mba([2-8])$")
-
-
-def parse_bits(spec: str) -> tuple[int, int]:
-    """'w4a8' -> (4, 8); weight and activation bits must each be in 2..8."""
-    m = BITS_PATTERN.match(str(spec))
-    if not m:
-        raise ValueError(f"bits={spec!r} is invalid; expected 'w<B>a<B>' with B in 2..8, e.g. w8a8, w4a4")
-    return int(m.group(1)), int(m.group(2))
-
-
-def is_mixed(spec: str) -> bool:
-    return str(spec).startswith("mp")
-
-
-def mixed_budget(spec: str) -> tuple[str, float, int]:
-    """('bits', B, A) for 'mp<B>a<A>' (B average weight bits over the allocatable layers, at most 8), ('mb', M, A)
-    for 'mp<M>mba<A>' (M megabytes for every quantized weight, fixed layers included); A activation bits."""
-    m = MIXED_PATTERN.match(str(spec))
-    if m and float(m.group(1)) <= 8:
-        return "bits", float(m.group(1)), int(m.group(2))
-    m = MIXED_MB_PATTERN.match(str(spec))
-    if m and float(m.group(1)) > 0:
-        return "mb", float(m.group(1)), int(m.group(2))
-    raise ValueError(f"mixed cell {spec!r} is invalid; expected 'mp<B>a<A>' (B the average weight bits in 2..8, e.g. "
-                     "4 or 3.5, no trailing zeros) or 'mp<M>mba<A>' (M > 0 megabytes of quantized weights, e.g. 0.03), "
-                     "A the activation bits in 2..8, e.g. mp4a4, mp3.5a8, mp0.03mba4")
-
-
-def parse_mixed(spec: str) -> tuple[float, int]:
-    """'mp4a4' -> (4.0, 4), 'mp3.5a8' -> (3.5, 8), 'mp0.03mba4' -> (0.03, 4): the budget (average weight bits,
-    or megabytes) and the activation bits."""
-    _, budget, abits = mixed_budget(spec)
-    return budget, abits
-
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point of the asymmetric grid covering [min(lo, 0), max(hi, 0)]."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dfq.datasets import InputSpec
+from dfq.fp32.datasets import InputSpec
 
 
 def _augment(x: torch.Tensor, g: torch.Generator, shift: int = 0) -> torch.Tensor:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from dfq.generation import generators
+from dfq.io import atomic_dir, save_json, save_torch
+
 
 def world() -> tuple[int, int]:
     """(rank, world_size) from torchrun's environment; (0, 1) in a plain process."""
@@ -71,9 +74,6 @@ def make_batches(source, cfg, base_seed, sizes, shape, model, real, scratch: Pat
     last)."""
     from tqdm import tqdm
 
-    from dfq import generators
-    from dfq.io import save_json, save_torch
-
     done = [i for i in todo if finished(scratch, i)]
     if done:
         print(f"resuming: {len(done)} of {len(todo)} batches already made in {scratch}", flush=True)
@@ -98,8 +98,6 @@ def assemble(out: Path, meta: dict, batches: int | range, scratch: Path) -> None
     """Copy the finished batches (``batches``: their indices, or their count from 0) into the stage output
     (atomically) and drop the scratch folder."""
     import shutil
-
-    from dfq.io import atomic_dir, save_json
 
     with atomic_dir(out) as tmp:
         infos = []

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dfq.pipeline.report import allocation_markdown
+
 HASH_TAG = "dfq.input_hash"
 # MLflow >= 3 opens an experiment without this tag on its GenAI overview (traces, token usage); with
 # it the UI lands on the runs table of model-training runs.
@@ -118,8 +120,6 @@ def mixed_run_extras(cell: str, calib_dir="metrics/calibrate", heatmap_dir="repo
     """What a mixed-precision cell (<source>-s<seed>-mp<B>a<A>) adds to its run: metrics of its allocation,
     the allocation table as a markdown artifact (allocation/<cell>.md) and the sensitivity heat map of its
     calibration set; nothing for a uniform cell."""
-    from dfq.report import allocation_markdown
-
     if not cell.rsplit("-", 1)[-1].startswith("mp"):
         return {}, [], {}
     alloc = json.loads((Path(calib_dir) / f"{cell}.json").read_text())["allocation"]

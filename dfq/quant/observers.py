@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfq.quantizers import fake_quantize, qparams_from_range
+from dfq.quant.fake_quant import fake_quantize, qparams_from_range
 
 ACT_METHODS = ("minmax", "ema", "dsg", "percentile", "mse")
 

@@ -27,8 +27,8 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from dfq.quantize import QUANT_TYPES, act_quantizers, calibrate, set_quant_state
-from dfq.quantizers import AdaRoundWeight
+from dfq.quant.prepare import QUANT_TYPES, act_quantizers, calibrate, set_quant_state
+from dfq.quant.fake_quant import AdaRoundWeight
 
 ROUNDINGS = ("nearest", "adaround", "brecq", "qdrop")
 

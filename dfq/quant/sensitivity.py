@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dfq.quantize import QUANT_TYPES, prepare, set_quant_state
+from dfq.quant.prepare import QUANT_TYPES, prepare, set_quant_state
+from dfq.quant.observers import MinMaxObserver
+from dfq.cells import mixed_budget
+from dfq.io import atomic_path
 
 
 @torch.no_grad()
@@ -37,8 +40,6 @@ def measure(model: nn.Module, batches: Sequence[torch.Tensor], candidates: Seque
             desc: str = "sensitivity") -> dict:
     """Per weight layer (in module order): its name in the prepared model, weight count, fixed bits
     (8 for a layer the protocol fixes, else None) and mean KL per candidate bit-width (None if fixed)."""
-    from dfq.observers import MinMaxObserver
-
     candidates = [int(b) for b in candidates]
     gm = prepare(model, 8, 8, MinMaxObserver, protocol, weight_scheme, weight_range).eval().to(device)
     set_quant_state(gm, weights=False, acts=False)  # FP32 (BN folded under brecq: equal to 1e-5)
@@ -159,9 +160,7 @@ def allocate_cell(sens: dict, budget: float | str) -> tuple[dict[str, int], dict
     summary: the budget, the average reached, the summed KL and one row per layer (name, params, bits, KL at
     those bits, fixed). ``budget``: average weight bits over the allocatable layers, or a cell name
     ('mp4a4': the same; 'mp0.03mba4': at most 0.03 MB for every quantized weight, the fixed layers' 8 bits
-    included, as ``dfq.quantize.weight_size`` counts it)."""
-    from dfq.quantizers import mixed_budget
-
+    included, as ``dfq.quant.prepare.weight_size`` counts it)."""
     kind, value = ("bits", float(budget)) if not isinstance(budget, str) else mixed_budget(budget)[:2]
     rows = _allocatable(sens)
     params = [r["params"] for r in rows]
@@ -214,8 +213,6 @@ def plot(sens: dict, f: Frontier, title: str, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dfq.io import atomic_path
 
     rows, cands = sens["layers"], sens["candidates"]
     grid = np.array([[np.nan] * len(cands) if r["kl"] is None else [math.log10(max(v, 1e-12)) for v in r["kl"]]

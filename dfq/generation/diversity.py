@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from dfq.bn_stats import BNInputStats
+from dfq.generation.bn_stats import BNInputStats
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
