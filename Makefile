@@ -6,12 +6,15 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-package repro test ui exp ablation recon dsg-study sweep
+.PHONY: setup data-package repro lint test ui exp ablation recon dsg-study sweep
 
-$(VENV)/.installed: requirements.txt
+# The pinned requirements, then dfq itself as an editable install (pyproject.toml; its dependencies are the
+# requirements just installed).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q -e . --no-deps
 	touch $@
 
 # Debian's dataset-fashion-mnist when apt is available; otherwise the data stage explains the options.
@@ -29,7 +32,13 @@ repro: setup
 	python -m cli.validate
 	dvc repro
 
-test: setup
+# Lint and format check (ruff, configured in pyproject.toml), then the tests.
+LINT_PATHS := dfq stages cli bench tests
+lint: setup
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+test: setup lint
 	$(VENV)/bin/python -m pytest -q tests
 
 # Opens on the runs table of track.experiment (MLflow 3's UI would open its GenAI overview).

@@ -1,12 +1,10 @@
-import sys
-from pathlib import Path
+"""Shared fixtures. dfq imports from its editable install (make setup: pip install -e .); stages, cli, bench and
+tests import from the repository root (pyproject.toml: [tool.pytest.ini_options] pythonpath)."""
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
 
 

@@ -1,5 +1,7 @@
 """dfq.provenance: what decides a number, against values read here independently (/proc/cpuinfo, torch's own
-settings in a fresh process, nvidia-smi), and the metrics files of the stages carrying it under ``env``."""
+settings in a fresh process, nvidia-smi), and the metrics files of the stages carrying it under ``env``; the code
+that decides it (code_files: a module's import closure), on a hand-made package and on this repository."""
+
 import json
 import os
 import platform
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfq.provenance import cpu_model, environment
+from dfq.provenance import code_files, cpu_model, environment
 
 ROOT = Path(__file__).resolve().parents[1]
 CPUINFO = Path("/proc/cpuinfo")
@@ -56,7 +58,9 @@ def test_isa_is_what_torch_dispatches_to():
     code = "from dfq.provenance import environment; print(environment()['isa'])"
     assert run_python(code, ATEN_CPU_CAPABILITY="default").strip() == "DEFAULT"
     isa = run_python(code).strip()
-    flags = set(re.search(r"^flags\s*:(.*)$", CPUINFO.read_text(), re.M).group(1).split()) if CPUINFO.is_file() else set()
+    flags = (
+        set(re.search(r"^flags\s*:(.*)$", CPUINFO.read_text(), re.M).group(1).split()) if CPUINFO.is_file() else set()
+    )
     if flags:
         need = {"AVX2": {"avx2", "fma"}, "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}.get(isa, set())
         assert need <= flags, (isa, need - flags)
@@ -64,8 +68,10 @@ def test_isa_is_what_torch_dispatches_to():
 
 def test_cpu_model_parser_and_fallback(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n\n"
-                    "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n")
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n\n"
+        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n"
+    )
     assert cpu_model(info) == "Intel(R) Xeon(R) CPU @ 2.20GHz"
     info.write_text("processor\t: 0\nCPU implementer\t: 0x41\n")  # an ARM board: no model name
     assert cpu_model(info) == (platform.processor() or platform.machine())
@@ -75,8 +81,10 @@ def test_cpu_model_parser_and_fallback(tmp_path):
 def test_stage_metrics_carry_the_environment_they_ran_in(tmp_path):
     """stages._common.save_metrics after setup_torch (what every metrics-writing stage does): the file's env has
     the thread count DFQ_THREADS set, this machine's CPU and torch; the numbers themselves are unchanged."""
-    code = ("from stages._common import save_metrics, setup_torch; setup_torch(); "
-            "save_metrics({'top1': 91.5, 'seed': 0}, 'metrics/x.json')")
+    code = (
+        "from stages._common import save_metrics, setup_torch; setup_torch(); "
+        "save_metrics({'top1': 91.5, 'seed': 0}, 'metrics/x.json')"
+    )
     for threads in (1, 3):
         run_python(code, tmp_path, DFQ_THREADS=str(threads), DFQ_DEVICE="cpu")
         m = json.loads((tmp_path / "metrics/x.json").read_text())
@@ -92,9 +100,89 @@ def test_stage_metrics_carry_the_environment_they_ran_in(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_environment_names_the_gpu():
     env = environment("cuda")
-    assert env["device"] == "cuda" and env["cuda"] == torch.version.cuda and env["cudnn"] == torch.backends.cudnn.version()
+    assert (
+        env["device"] == "cuda" and env["cuda"] == torch.version.cuda and env["cudnn"] == torch.backends.cudnn.version()
+    )
     if shutil.which("nvidia-smi"):
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True).stdout.splitlines()
+        names = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.splitlines()
         assert env["gpu"] == names[torch.cuda.current_device()].strip()
     assert environment("cuda:0")["gpu"] == torch.cuda.get_device_name(0)
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+HAND_MADE = {
+    "app/__init__.py": "",
+    "app/main.py": (
+        "import os\nimport torch\nfrom pkg import util\n"
+        "def run():\n    from pkg.sub import deep\n    import pkg.lazy as lazy\n    return deep, lazy\n"
+    ),
+    "pkg/__init__.py": "from .core import X\n",  # relative, in a package __init__
+    "pkg/core.py": "import numpy\nX = 1\n",
+    "pkg/util.py": "from pkg import helpers, X\nfrom pkg.core import X as Y\n",  # helpers: a submodule; X: a name
+    "pkg/helpers.py": "import app.main\n",  # a cycle back to the start
+    "pkg/lazy.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import typed\n",
+    "pkg/typed.py": "",
+    "pkg/sub/__init__.py": "",
+    "pkg/sub/deep.py": "from ..core import X\nfrom . import sibling\nfrom .star import *\n",
+    "pkg/sub/sibling.py": "",
+    "pkg/sub/star.py": "import json\n",
+    "pkg/unused.py": "import pkg.core\n",  # imported by nobody
+    "notes.txt": "import pkg.unused\n",
+}
+
+
+def test_code_files_follows_every_import_of_a_hand_made_package(tmp_path):
+    """Module and function level imports, relative ones, ``from package import submodule`` (not a name), the
+    packages' __init__.py on the way, a cycle; torch, numpy, os, json end the walk; unused files stay out."""
+    write_tree(tmp_path, HAND_MADE)
+    assert code_files("app.main", root=tmp_path) == [
+        "app/__init__.py",
+        "app/main.py",
+        "pkg/__init__.py",
+        "pkg/core.py",
+        "pkg/helpers.py",
+        "pkg/lazy.py",
+        "pkg/sub/__init__.py",
+        "pkg/sub/deep.py",
+        "pkg/sub/sibling.py",
+        "pkg/sub/star.py",
+        "pkg/typed.py",
+        "pkg/util.py",
+    ]
+    assert code_files("pkg.core", root=tmp_path) == ["pkg/__init__.py", "pkg/core.py"]  # the package runs first
+    assert code_files("pkg.sub.sibling", "pkg.typed", root=tmp_path) == [
+        "pkg/__init__.py",
+        "pkg/core.py",
+        "pkg/sub/__init__.py",
+        "pkg/sub/sibling.py",
+        "pkg/typed.py",
+    ]
+    assert code_files("pkg", root=tmp_path) == ["pkg/__init__.py", "pkg/core.py"]
+
+
+def test_code_files_rejects_a_module_that_is_not_there(tmp_path):
+    write_tree(tmp_path, HAND_MADE)
+    with pytest.raises(ValueError, match="pkg.nope"):
+        code_files("pkg.nope", root=tmp_path)
+    with pytest.raises(ValueError, match="torch"):
+        code_files("torch", root=tmp_path)
+
+
+def test_code_files_of_the_generate_stage():
+    """What generate's scratch key hashes and its dvc.yaml deps name: the generators and the fx tracing helper they
+    use; quantization code only through the params schema (stages._common validates params.yaml as a whole), never
+    through the generation package."""
+    files = code_files("stages.generate")
+    assert {"stages/generate.py", "stages/_common.py", "dfq/generation/generators.py", "dfq/tracing.py"} <= set(files)
+    assert files == sorted(files) and all((ROOT / f).is_file() for f in files)
+    quant = [f for f in files if f.startswith("dfq/quant/")]
+    assert set(quant) <= set(code_files("dfq.pipeline.schema")), quant
+    generation = [f"dfq.generation.{p.stem}" for p in (ROOT / "dfq/generation").glob("*.py")]
+    assert not [f for f in code_files(*generation) if f.startswith(("dfq/quant/", "dfq/fp32/"))]
