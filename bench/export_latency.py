@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from dfq.deploy.export import integer_report, optimized_ops, run, session, to_onnx
+from dfq.deploy.qdq import to_onnx
+from dfq.deploy.runtime import integer_report, optimized_ops, run, session
 from dfq.io import load_torch, save_text
 from dfq.fp32.models import build_model, load_checkpoint, load_state_dict
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import calibrate, prepare
+from dfq.quant.prepare import calibrate, QuantSpec, prepare
 
 
 def models() -> list[tuple[str, torch.nn.Module, tuple[int, int, int]]]:
@@ -75,7 +76,7 @@ def main() -> None:
     rows, sizes = [], []
     for name, model, shape in models():
         torch.manual_seed(0)
-        gm = prepare(model, 8, 8, MinMaxObserver, args.protocol, "symmetric")
+        gm = prepare(model, 8, 8, MinMaxObserver, QuantSpec(args.protocol, "symmetric"))
         calibrate(gm, [torch.randn(8, *shape)])
         int8, _ = to_onnx(gm, (1, *shape), args.protocol)
         fp32 = float_onnx(model, shape)

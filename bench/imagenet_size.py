@@ -19,7 +19,7 @@ from dfq.generation.generators import gaussian_batch
 from dfq.io import load_torch, save_text
 from dfq.fp32.models import build_model, count_bn, input_spec, load_state_dict
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import calibrate, prepare
+from dfq.quant.prepare import calibrate, QuantSpec, prepare
 
 
 def generation_rows(model, shape, batch: int, iters: int, dev: str, fmt=torch.contiguous_format) -> list[tuple]:
@@ -70,7 +70,7 @@ def main() -> None:
     n_eval = args.eval_batch * args.eval_batches
     evals = []
     for protocol in ("zeroq", "brecq"):
-        gm = prepare(model.cpu(), 4, 4, MinMaxObserver, protocol)
+        gm = prepare(model.cpu(), 4, 4, MinMaxObserver, QuantSpec(protocol))
         calibrate(gm, [gaussian_batch((64, *shape), 1)], dev)
         model.to(dev, memory_format=fmt)
         gm.to(memory_format=fmt)

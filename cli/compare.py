@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from stages._common import load_params
+from stages._common import read_params
 
 
 def main(argv=None) -> None:
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     from dfq.pipeline import tracking
     from dfq.io import save_text
 
-    experiment = args.experiment or load_params("track")["experiment"]
+    experiment = args.experiment or read_params().track.experiment
     uri = tracking.default_tracking_uri(Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve())
     try:
         table = tracking.compare(uri, experiment, args.metric, args.by, args.across, args.filter)

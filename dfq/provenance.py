@@ -56,7 +56,7 @@ def environment(device: str = "cpu") -> dict:
     return env
 
 
-def code_files(*modules: str, root: Path | None = None) -> list[str]:
+def code_files(*modules: str, root: Path | None = None, exclude: tuple[str, ...] = ()) -> list[str]:
     """The sorted ``root``-relative paths (``/``-separated) of the .py files that importing ``modules`` can run:
     each module's own file, the ``__init__.py`` of every package on its way, and the same for every module of the
     repository it imports, transitively.
@@ -67,7 +67,7 @@ def code_files(*modules: str, root: Path | None = None) -> list[str]:
     ``from package import name`` follows ``package.name`` when it is a module. Names that resolve to no file under
     ``root`` (torch, third-party, the standard library, a class imported from a module) end the walk there. Not
     seen: modules named at run time (``importlib.import_module``). A module given that resolves to no file raises
-    ``ValueError``.
+    ``ValueError``. Modules named in ``exclude`` are neither walked into nor listed (unless given in ``modules``).
     """
     root = Path(root) if root is not None else REPO_ROOT
     todo, seen = [], set()
@@ -77,7 +77,7 @@ def code_files(*modules: str, root: Path | None = None) -> list[str]:
         todo.append(name)
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or (name in exclude and name not in modules):
             continue
         seen.add(name)
         parts = name.split(".")

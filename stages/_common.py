@@ -12,6 +12,11 @@ from pathlib import Path
 import yaml
 
 PARAMS_FILE = "params.yaml"
+# Validation decides whether a stage runs, never what it writes: stages compute with the library's config classes,
+# which live in the algorithm modules of their import closure, and DVC tracks the params' values. So a stage's code
+# (dvc.yaml deps, scratch keys) is its import closure without the schema; after changing the schema's mapping of
+# params.yaml onto the config classes, rerun with `dvc repro -f`.
+VALIDATION_ONLY = ("dfq.pipeline.schema",)
 
 
 def roots() -> list[Path]:
@@ -19,8 +24,9 @@ def roots() -> list[Path]:
     return [Path.cwd(), *(Path(os.environ[v]) for v in ("DVC_ROOT", "DFQ_ROOT") if v in os.environ)]
 
 
-def read_params() -> dict:
-    """params.yaml, validated as a whole against dfq.pipeline.schema (one clear error naming the bad keys)."""
+def read_params():
+    """params.yaml as a typed ``dfq.pipeline.schema.Params``, validated as a whole (one clear error naming the bad
+    keys); ``.raw`` is the file as written, for what a stage records."""
     from dfq.pipeline.schema import ParamsError, check_paths, validate
 
     path = Path(PARAMS_FILE)
@@ -31,16 +37,11 @@ def read_params() -> dict:
     except yaml.YAMLError as exc:
         raise SystemExit(f"{PARAMS_FILE}: not valid YAML: {exc}") from None
     try:
-        check_paths(validate(params), roots())
+        parsed = validate(params)
+        check_paths(parsed, roots())
     except ParamsError as exc:
         raise SystemExit(str(exc)) from None
-    return params
-
-
-def load_params(*groups: str) -> dict | list:
-    """The named top-level groups of the validated params.yaml (one group -> its dict)."""
-    params = read_params()
-    return params[groups[0]] if len(groups) == 1 else [params[g] for g in groups]
+    return parsed
 
 
 def setup_torch():
@@ -80,6 +81,21 @@ def provenance() -> dict:
     return environment(device())
 
 
+def scratch_key(stage: str, spec: dict, files: list) -> str:
+    """The name of a resumable stage's scratch folder: a hash of ``spec``, the input ``files`` and the stage's whole
+    code (``stage``'s import closure, dfq.provenance.code_files), so that changed code never resumes old work."""
+    from dfq.generation.sharding import scratch_key as key
+
+    return key(spec, [*files, *stage_code(stage)])
+
+
+def stage_code(stage: str) -> list[str]:
+    """The code files a stage's outputs depend on: its script's import closure less the validation (dvc.yaml deps)."""
+    from dfq.provenance import code_files
+
+    return code_files(stage, exclude=VALIDATION_ONLY)
+
+
 def save_metrics(metrics: dict, path: str | os.PathLike) -> None:
     """A stage's metrics file, written atomically, with its provenance under the key ``env``."""
     from dfq.io import save_json
@@ -87,7 +103,7 @@ def save_metrics(metrics: dict, path: str | os.PathLike) -> None:
     save_json({**metrics, "env": provenance()}, path)
 
 
-def accuracy(model, spec, batch_size: int, desc: str, prepared: str = "data/prepared") -> dict:
+def accuracy(model, spec, batch_size: int, desc: str, prepared: str | os.PathLike = "data/prepared") -> dict:
     """Top-1/top-5 % of ``model`` on the test set (``<prepared>/eval``: top1, top5) and on the validation split
     (``<prepared>/val``: val_top1, val_top5; absent when the data stage drew none, data.val_images 0)."""
     from dfq.fp32.datasets import open_eval_dataset

@@ -10,48 +10,44 @@ the batches over N torchrun processes; finished batches survive a kill in .dfq-s
 """
 import os
 import sys
-from pathlib import Path
 
-from stages._common import device, load_params, provenance, setup_torch
-
-CODE = ["dfq/generation/generators.py", "dfq/generation/losses.py", "dfq/generation/bn_stats.py", "dfq/generation/sharding.py", "stages/generate.py"]
+from dfq.pipeline import paths
+from stages._common import device, provenance, read_params, scratch_key, setup_torch
 
 
 def main(source: str, seed: int, extend: bool = False) -> None:
-    data_p, gen_p, ft_p = load_params("data", "generate", "finetune")
+    params = read_params()
     torch = setup_torch()
-    from dfq import cells
+    from dfq.cells import set_name
+    from dfq.fp32.models import load_checkpoint
     from dfq.generation import generators, sharding
     from dfq.io import load_torch
-    from dfq.fp32.models import load_checkpoint
 
-    if source not in gen_p or not isinstance(gen_p[source], dict):
+    if source not in (params.generate.model_extra or {}):
         raise SystemExit(f"generate source {source!r} has no params group generate.{source} in params.yaml")
-    cfg = gen_p[source]
-    try:
-        method = generators.method_of(source, cfg)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    model, meta = load_checkpoint("models/fp32.pt")
-    sizes, name = generators.batch_sizes(data_p["num_images"], gen_p["batch_size"]), cells.set_name(source, seed)
-    first, n = (len(sizes), ft_p["num_images"] - data_p["num_images"]) if extend else (0, 0)
-    sizes, out = sizes + generators.batch_sizes(n, gen_p["batch_size"]), Path("data/finetune" if extend else "data/calib", name)
+    cfg, group, num, batch = params.generate.config(source), params.generate.group(source), \
+        params.data.num_images, params.generate.batch_size
+    model, meta = load_checkpoint(paths.FP32)
+    sizes, name = generators.batch_sizes(num, batch), set_name(source, seed)
+    first, n = (len(sizes), params.finetune.num_images - num) if extend else (0, 0)
+    sizes, out = sizes + generators.batch_sizes(n, batch), (paths.finetune_set if extend else paths.calib_set)(name)
     shape = tuple(meta["input_spec"]["shape"])
-    key = sharding.scratch_key({"source": source, "cfg": cfg, "seed": seed, "sizes": sizes, "shape": shape,
-                                "threads": torch.get_num_threads()}, ["models/fp32.pt", *CODE])
-    scratch = Path(".dfq-scratch", "generate", f"{name}-{key}")
+    key = scratch_key("stages.generate", {"source": source, "cfg": group, "seed": seed, "sizes": sizes, "shape": shape,
+                                          "threads": torch.get_num_threads()}, [paths.FP32])
+    scratch = paths.SCRATCH / "generate" / f"{name}-{key}"
     rank, size = sharding.world()
     sharding.init(device())
     try:
-        pool = load_torch("data/prepared/calib_real.pt") if method == "real" else None
-        real = None if pool is None else torch.cat([generators.real_subset(pool, data_p["num_images"], seed),
-                                                    generators.real_subset(pool, n, seed, skip=data_p["num_images"])])
+        pool = load_torch(paths.REAL_POOL) if params.generate.method(source) == "real" else None
+        real = None if pool is None else torch.cat([generators.real_subset(pool, num, seed),
+                                                    generators.real_subset(pool, n, seed, skip=num)])
         mine = [i for i in sharding.my_batches(len(sizes), rank, size) if i >= first]
         sharding.make_batches(source, cfg, seed, sizes, shape, model.to(device()), real, scratch, mine, device())
         sharding.barrier()
         if rank == 0:
-            sharding.assemble(out, {"source": source, "method": method, "params": cfg, "seed": seed, "batch_size": sizes[0],
-                                    "env": provenance()}, range(first, len(sizes)), scratch)
+            meta = {"source": source, "method": params.generate.method(source), "params": group, "seed": seed,
+                    "batch_size": sizes[0], "env": provenance()}
+            sharding.assemble(out, meta, range(first, len(sizes)), scratch)
     except (ValueError, FloatingPointError) as exc:
         raise SystemExit(f"generate@{name}: {exc} (nothing was written)") from None
     except (torch.OutOfMemoryError, MemoryError) as exc:

@@ -2,32 +2,33 @@
 cells on the test set and on the validation split, model sizes, the mixed cells' allocations), accuracy-vs-bits
 with error bars, top-1 vs weight size, BN-spread and sample-grid PNGs."""
 import json
-from pathlib import Path
 
-from stages._common import load_params, setup_torch
+from dfq.pipeline import paths
+from stages._common import read_params, setup_torch
 
 
 def main() -> None:
-    gen_p, quant_p, ft_p = load_params("generate", "quantize", "finetune")
-    sources, seeds, uniform, mixed = gen_p["sources"], gen_p["seeds"], quant_p["bits"], quant_p["mixed"]["cells"]
-    tuned = [f"{b}-ft" for b in ft_p["bits"]] if ft_p["sources"] else []
-    bits = uniform + mixed + tuned
+    params = read_params()
+    g, ft = params.generate, params.finetune
+    sources, seeds, uniform, mixed = g.sources, g.seeds, params.quantize.bits, params.quantize.mixed.cells
     setup_torch()
-    from dfq.pipeline import report
+    from dfq.cells import cell_name, finetuned, set_name
     from dfq.io import load_torch
+    from dfq.pipeline import report
 
-    fp32 = json.loads(Path("metrics/fp32.json").read_text())
-    meta = json.loads(Path("data/prepared/meta.json").read_text())
+    tuned = [finetuned(b) for b in ft.bits] if ft.sources else []
+    bits = uniform + mixed + tuned
+    fp32 = json.loads(paths.FP32_METRICS.read_text())
+    meta = json.loads(paths.PREPARED_META.read_text())
     try:
-        cells = report.pipeline_cells(sources, seeds, uniform + mixed, ft_p)
+        cells = report.pipeline_cells(sources, seeds, uniform + mixed, ft.sources, ft.bits)
     except FileNotFoundError as exc:
         raise SystemExit(str(exc)) from None
     agg = report.aggregate(cells)
-    per_set = {(s, k): json.loads((Path("metrics/diversity") / f"{s}-s{k}.json").read_text())
-               for s in sources for k in seeds}
+    per_set = {(s, k): json.loads(paths.diversity_metrics(set_name(s, k)).read_text()) for s in sources for k in seeds}
     diversity = report.mean_diversity(per_set)
     table = report.results_table(fp32, agg, sources, bits)
-    allocs = {f"{s}-s{k} {c.upper()}": json.loads((Path("metrics/calibrate") / f"{s}-s{k}-{c}.json").read_text())
+    allocs = {f"{set_name(s, k)} {c.upper()}": json.loads(paths.calibrate_metrics(cell_name(s, c, k)).read_text())
               ["allocation"] for c in mixed for s in sources for k in seeds}
     n = len(seeds)
     report.write_text(
@@ -42,18 +43,17 @@ def main() -> None:
         + ("\n## Mixed-precision allocations\n\nWeight bits per layer (* fixed by the protocol); heat maps and "
            "frontiers: `reports/sensitivity/<source>-s<seed>.png`.\n\n" + report.allocations_table(allocs)
            if allocs else "") + ("\n## Data-free fine-tuning\n\nTop-1 %, mean ± std over seeds (`<bits>-FT` columns above); "
-                                 "README, dfq/quant/finetune.py.\n\n" + report.finetune_table(agg, ft_p["sources"], ft_p["bits"])
+                                 "README, dfq/quant/finetune.py.\n\n" + report.finetune_table(agg, ft.sources, ft.bits)
                                  if tuned else "") + "\n## Quantizer\n\n"
         + report.calibration_table(cells, agg, sources, bits) + "\n## Diversity of the calibration sets\n\n"
         + "Mean over seeds.\n\n" + report.diversity_table(diversity)
-        + "\n![BN-statistic spread](bn_spread.png)\n\n![samples](samples.png)\n", "reports/results.md")
-    report.plot_accuracy_vs_bits(fp32, agg, sources, uniform, "reports/accuracy_vs_bits.png")
-    report.plot_size_vs_top1(fp32, agg, sources, uniform + mixed, "reports/size_vs_top1.png")
-    report.plot_bn_spread(diversity, "reports/bn_spread.png")
+        + "\n![BN-statistic spread](bn_spread.png)\n\n![samples](samples.png)\n", paths.RESULTS)
+    report.plot_accuracy_vs_bits(fp32, agg, sources, uniform, paths.PLOTS["accuracy_vs_bits"])
+    report.plot_size_vs_top1(fp32, agg, sources, uniform + mixed, paths.PLOTS["size_vs_top1"])
+    report.plot_bn_spread(diversity, paths.PLOTS["bn_spread"])
     spec = meta["input_spec"]
-    samples = {s: load_torch(sorted(Path("data/calib", f"{s}-s{seeds[0]}").glob("batch_*.pt"))[0])[:8]
-               for s in sources}
-    report.plot_sample_grid(samples, spec["mean"], spec["std"], "reports/samples.png")
+    samples = {s: load_torch(paths.batches(paths.calib_set(set_name(s, seeds[0])))[0])[:8] for s in sources}
+    report.plot_sample_grid(samples, spec["mean"], spec["std"], paths.PLOTS["samples"])
     print(table)
 
 

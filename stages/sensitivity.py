@@ -8,34 +8,34 @@ byte-identical, so the mixed cells downstream are not rerun.
 """
 import sys
 import time
-from pathlib import Path
 
-from stages._common import device, load_params, save_metrics, setup_torch
+from dfq.pipeline import paths
+from stages._common import device, read_params, save_metrics, setup_torch
 
 
 def main(calib_set: str) -> None:
-    q = load_params("quantize")
+    q = read_params().quantize
     setup_torch()
-    from dfq.quant import sensitivity
-    from dfq.io import load_torch
     from dfq.fp32.models import load_checkpoint
+    from dfq.io import load_torch
+    from dfq.quant import sensitivity
 
-    model, _ = load_checkpoint("models/fp32.pt")
-    files = sorted(Path("data/calib", calib_set).glob("batch_*.pt"))
+    model, _ = load_checkpoint(paths.FP32)
+    files = paths.batches(paths.calib_set(calib_set))
     if not files:
-        raise SystemExit(f"data/calib/{calib_set}: no calibration batches found")
+        raise SystemExit(f"{paths.calib_set(calib_set)}: no calibration batches found")
     start = time.perf_counter()
-    sens = sensitivity.measure(model, [load_torch(f) for f in files], q["mixed"]["candidates"], q["protocol"],
-                               q["weight_scheme"], q["weight_range"], device(), desc=f"sensitivity {calib_set}")
+    sens = sensitivity.measure(model, [load_torch(f) for f in files], q.mixed.candidates, q.spec, device(),
+                               desc=f"sensitivity {calib_set}")
     seconds = time.perf_counter() - start
     front = sensitivity.frontier_of(sens)
     n = sum(r["params"] for r in sens["layers"] if r["fixed_bits"] is None)
     save_metrics({"set": calib_set, **sens, "allocatable_params": n,
                   "uniform_kl_sum": {str(b): v for b, v in sensitivity.uniform_costs(sens).items()},
                   "frontier": {"avg_bits": (front.sizes / n).tolist(), "kl_sum": front.costs.tolist()}},
-                 Path("metrics/sensitivity") / f"{calib_set}.json")
-    sensitivity.plot(sens, front, f"{calib_set}: weight sensitivity ({q['protocol']} protocol, {sens['images']} "
-                     "images)", Path("reports/sensitivity") / f"{calib_set}.png")
+                 paths.sensitivity_metrics(calib_set))
+    title = f"{calib_set}: weight sensitivity ({q.spec.protocol} protocol, {sens['images']} images)"
+    sensitivity.plot(sens, front, title, paths.sensitivity_plot(calib_set))
     print(sensitivity.frontier_table(sens, front))
     print(f"{calib_set}: {len(sens['layers'])} weight layers x {len(sens['candidates'])} bit-widths on "
           f"{sens['images']} images in {seconds:.1f} s")

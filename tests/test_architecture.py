@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from dfq.provenance import code_files
+from stages._common import stage_code
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAF_PRIMITIVES = {"dfq.io", "dfq.cells"}  # import nothing from dfq
@@ -318,7 +319,7 @@ def dvc_deps_problems(text: str) -> list[str]:
     """Per stage, the files of its script's import closure missing in its deps, and the code deps not in it."""
     bad = []
     for stage, (module, deps) in stage_code_deps(text).items():
-        need = code_files(module)
+        need = stage_code(module)
         missing, stale = [f for f in need if f not in deps], [f for f in deps if f not in need]
         if missing:
             bad.append(f"{stage} ({module}): missing in deps: {', '.join(missing)}")
@@ -359,7 +360,7 @@ def rewrite_dvc_deps(text: str) -> str:
         deps = re.match(r"^(\s+)deps:\s*$", line)
         if deps and stage:
             script = scripts[stage].replace(".", "/") + ".py"
-            indent, files = len(deps.group(1)), sorted(code_files(scripts[stage]), key=lambda f: _dep_order(f, script))
+            indent, files = len(deps.group(1)), sorted(stage_code(scripts[stage]), key=lambda f: _dep_order(f, script))
         out.append(line)
     return "".join(out)
 

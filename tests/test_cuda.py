@@ -8,11 +8,11 @@ import torch
 
 from dfq.generation.bn_stats import BNInputStats, per_sample_stats
 from dfq.fp32.evaluate import evaluate
-from dfq.generation.generators import dsg_batch, zeroq_batch
+from dfq.generation.generators import DSGConfig, ZeroQConfig, dsg_batch, zeroq_batch
 from dfq.generation.losses import dsg_loss, lse_weights, zeroq_loss
 from dfq.fp32.models import build_model
 from dfq.quant.observers import MinMaxObserver, make_observer
-from dfq.quant.prepare import calibrate, prepare, weight_quantized_layers
+from dfq.quant.prepare import calibrate, QuantSpec, prepare, weight_quantized_layers
 from dfq.quant.reconstruction import ReconConfig, reconstruct
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -60,13 +60,13 @@ def test_bn_statistic_losses_and_gradients_match_the_cpu(narrow_resnet):
 
 def test_generation_runs_on_cuda_and_returns_cpu_images_like_the_cpu_run(narrow_resnet):
     shape = (6, 1, 16, 16)
-    xc, ic = zeroq_batch(narrow_resnet(), shape, 3, iterations=5, device="cpu")
-    xg, ig = zeroq_batch(narrow_resnet().to(CUDA), shape, 3, iterations=5, device=CUDA)  # the stage moves the model
+    xc, ic = zeroq_batch(narrow_resnet(), shape, 3, ZeroQConfig(iterations=5), device="cpu")
+    xg, ig = zeroq_batch(narrow_resnet().to(CUDA), shape, 3, ZeroQConfig(iterations=5), device=CUDA)  # the stage moves the model
     assert xg.device.type == "cpu" and ig["loss_end"] < ig["loss_start"]
     assert abs(ig["loss_start"] - ic["loss_start"]) < 1e-4 * abs(ic["loss_start"])
     # Adam's first steps are nearly sign(gradient): compare the loss reached, not pixel by pixel
     assert abs(ig["loss_end"] - ic["loss_end"]) < 1e-2 * abs(ic["loss_end"])
-    x, info, margins = dsg_batch(narrow_resnet().to(CUDA), shape, 3, iterations=5, device=CUDA)
+    x, info, margins = dsg_batch(narrow_resnet().to(CUDA), shape, 3, DSGConfig(iterations=5), device=CUDA)
     assert x.device.type == "cpu" and info["loss_end"] < info["loss_start"]
     assert all(m.device.type == "cpu" for m in margins["mean"] + margins["std"])
 
@@ -76,7 +76,7 @@ def test_calibrated_fake_quant_model_matches_the_cpu(protocol, narrow_resnet):
     x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     out = {}
     for dev in ("cpu", CUDA):
-        gm = prepare(narrow_resnet(), 4, 4, lambda: make_observer("mse"), protocol)
+        gm = prepare(narrow_resnet(), 4, 4, lambda: make_observer("mse"), QuantSpec(protocol))
         calibrate(gm, [x[:8], x[8:]], dev)
         with torch.no_grad():
             out[dev] = gm(x.to(dev))
@@ -94,7 +94,7 @@ def test_evaluate_on_cuda_with_a_dataloader(narrow_resnet):
 
 def test_reconstruction_on_cuda_puts_weights_on_grid(narrow_resnet):
     data = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(4))
-    gm = prepare(narrow_resnet(), 3, 4, MinMaxObserver, protocol="brecq")
+    gm = prepare(narrow_resnet(), 3, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     out = reconstruct(gm, data, "qdrop", ReconConfig(iterations=50, batch_size=16), CUDA)
     assert all(torch.isfinite(torch.tensor(u["error_after"])) for u in out["units"])
     for layer in weight_quantized_layers(gm):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dfq.generation.bn_stats import BNInputStats
-from dfq.generation.generators import compute_margins, dsg_batch, extras_seed, init_images, probe_seed
+from dfq.generation.generators import DSGConfig, compute_margins, dsg_batch, extras_seed, init_images, probe_seed
 from dfq.generation.losses import (dsg_loss, jitter, l2_norm_loss, label_loss, lse_weights, sda_loss_matrix, sda_margins,
                         total_variation_l2, unbiased, zeroq_loss)
 
@@ -73,11 +73,11 @@ def test_lse_weights_matrix():
 
 def test_dsg_batch_deterministic_with_margins(tiny_bn):
     cfg = dict(iterations=20, lr=0.1, eps=0.9)
-    x, info, margins = dsg_batch(tiny_bn, (4, 1, 8, 8), 5, **cfg)
-    x2, _, _ = dsg_batch(tiny_bn, (4, 1, 8, 8), 5, **cfg)
+    x, info, margins = dsg_batch(tiny_bn, (4, 1, 8, 8), 5, DSGConfig(**cfg))
+    x2, _, _ = dsg_batch(tiny_bn, (4, 1, 8, 8), 5, DSGConfig(**cfg))
     assert torch.equal(x, x2) and info["loss_end"] < info["loss_start"]
     assert len(margins["mean"]) == 2 and margins["eps"] == 0.9
-    assert dsg_batch(tiny_bn, (4, 1, 8, 8), 5, sda=False, **cfg)[2] is None
+    assert dsg_batch(tiny_bn, (4, 1, 8, 8), 5, DSGConfig(sda=False, **cfg))[2] is None
 
 
 def test_eps_outside_unit_interval(tiny_bn):
@@ -161,7 +161,7 @@ def test_dsg_batch_optimises_the_loss_it_claims(tiny_bn, recipe):
     cfg = (dict(init="gaussian", margin_probe="gaussian", lse_weight=2.0) if recipe == "paper" else
            dict(init="uniform", margin_probe="init", lse_weight=4.0, lse_tied=3, label_weight=2.0,
                 tv_weight=0.01, l2_weight=0.01, jitter=3, unbiased_std=True))
-    _, info, saved = dsg_batch(tiny_bn, shape, seed, iterations=1, lr=0.1, eps=0.9, **cfg)
+    _, info, saved = dsg_batch(tiny_bn, shape, seed, DSGConfig(iterations=1, lr=0.1, eps=0.9, **cfg))
     x0 = init_images(cfg["init"], shape, torch.Generator().manual_seed(seed))
     ub = cfg.get("unbiased_std", False)
     margins = compute_margins(tiny_bn, shape, seed, 0.9, False, probe=cfg["margin_probe"], x0=x0, unbiased_std=ub)
@@ -205,8 +205,8 @@ def test_code_recipe_jitter_offsets_cover_minus_jitter_to_jitter(tiny_bn, monkey
         return roll(x, offset)
 
     monkeypatch.setattr(dfq.generation.losses, "jitter", observed)
-    dsg_batch(tiny_bn, (2, 1, 8, 8), 4, iterations=300, lr=0.05, sda=False, lse=False, tv_weight=0.01,
-              l2_weight=0.01, jitter=3)
+    dsg_batch(tiny_bn, (2, 1, 8, 8), 4, DSGConfig(iterations=300, lr=0.05, sda=False, lse=False, tv_weight=0.01,
+                                                  l2_weight=0.01, jitter=3))
     assert len(used) == 301  # 300 iterations and the final loss
     assert all(isinstance(k, int) for k in used)
     counts = {k: used.count(k) for k in set(used)}

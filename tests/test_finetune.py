@@ -10,7 +10,7 @@ from torch import nn
 from dfq.quant.finetune import FinetuneConfig, _schedule, augment, finetune, kl_divergence, mean_kl
 from dfq.io import load_torch
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import act_quantizers, calibrate, load_quantized, prepare, round_biases, weight_quantized_layers
+from dfq.quant.prepare import act_quantizers, calibrate, load_quantized, QuantSpec, prepare, round_biases, weight_quantized_layers
 
 
 def _images(n=64):
@@ -27,7 +27,7 @@ def _teacher(narrow_resnet):
 
 
 def _student(model, images, wbits=4, abits=4, protocol="zeroq"):
-    gm = prepare(model, wbits, abits, MinMaxObserver, protocol, "symmetric")
+    gm = prepare(model, wbits, abits, MinMaxObserver, QuantSpec(protocol, "symmetric"))
     calibrate(gm, [images])
     return gm
 
@@ -235,7 +235,8 @@ def test_one_step_lowers_the_kl(narrow_resnet, protocol):
 def test_weights_stay_on_their_grid_and_export_as_integers(narrow_resnet):
     """After fine-tuning every weight is its quantized value (the fixed grid), the checkpoint round-trips,
     and ONNX Runtime's integer model gives the fake-quant logits (int32 biases put back on their grid)."""
-    from dfq.deploy.export import run, session, to_onnx
+    from dfq.deploy.qdq import to_onnx
+    from dfq.deploy.runtime import run, session
 
     images = _images()
     student = _student(narrow_resnet(), images, 8, 8)
@@ -307,8 +308,8 @@ def test_resume_after_a_kill_gives_the_same_weights(narrow_resnet, tmp_path):
 
 
 def test_bad_config_is_one_clear_error(narrow_resnet):
-    with pytest.raises(ValueError, match="finetune.schedule='step'"):
-        FinetuneConfig(schedule="step")
+    with pytest.raises(ValueError, match=r"(?s)schedule.*'cosine' or 'constant'.*input_value='step'"):
+        FinetuneConfig(schedule="step")  # the config names its field; the schema prefixes finetune.train.
     with pytest.raises(ValueError, match="no images"):
         finetune(_student(narrow_resnet(), _images()), narrow_resnet(), torch.empty(0, 1, 16, 16), FinetuneConfig(),
                  progress=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dfq.generation.bn_stats import BNInputStats
-from dfq.generation.generators import batch_seed, batch_sizes, gaussian_batch, init_images, optimize_images, zeroq_batch
+from dfq.generation.generators import batch_seed, batch_sizes, gaussian_batch, init_images, optimize_images, ZeroQConfig, zeroq_batch
 from dfq.generation.losses import zeroq_loss
 
 
@@ -30,8 +30,8 @@ def test_zeroq_uniform_init_scale():
 
 
 def test_zeroq_lowers_the_loss_deterministically_and_freezes_nothing(tiny_bn):
-    x, info = zeroq_batch(tiny_bn, (4, 1, 8, 8), 11, iterations=60, lr=0.1)
-    x2, _ = zeroq_batch(tiny_bn, (4, 1, 8, 8), 11, iterations=60, lr=0.1)
+    x, info = zeroq_batch(tiny_bn, (4, 1, 8, 8), 11, ZeroQConfig(iterations=60, lr=0.1))
+    x2, _ = zeroq_batch(tiny_bn, (4, 1, 8, 8), 11, ZeroQConfig(iterations=60, lr=0.1))
     assert torch.equal(x, x2)
     assert info["loss_end"] < 0.5 * info["loss_start"]
     assert all(p.requires_grad for p in tiny_bn.parameters())  # weights unfrozen again afterwards

@@ -4,7 +4,7 @@ from torch import nn
 
 from dfq.fp32.models import build_model
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import NothingQuantizedError, act_quantizers, calibrate, load_calibrated, prepare, summary
+from dfq.quant.prepare import NothingQuantizedError, act_quantizers, calibrate, load_calibrated, QuantSpec, prepare, summary
 
 
 class MethodRelu(nn.Module):
@@ -92,7 +92,7 @@ def test_brecq_protocol_bn_folding_keeps_fp32_outputs(arch, shape):
     from dfq.quant.prepare import set_quant_state
 
     model = _randomize_bn(build_model(arch, 10))
-    gm = prepare(model, 4, 4, MinMaxObserver, protocol="brecq")
+    gm = prepare(model, 4, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules()), "every BN follows a conv: all folded"
     set_quant_state(gm, weights=False, acts=False)
     x = torch.randn(*shape)
@@ -104,7 +104,7 @@ def test_brecq_protocol_bn_folding_keeps_fp32_outputs(arch, shape):
 def test_brecq_protocol_first_and_last_layer_at_8_bits():
     from dfq.quant.prepare import weight_quantized_layers
 
-    gm = prepare(build_model("cifar_resnet20", 10), 4, 4, MinMaxObserver, protocol="brecq")
+    gm = prepare(build_model("cifar_resnet20", 10), 4, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     assert gm.conv1.weight_bits == 8 and gm.linear.weight_bits == 8
     assert sorted(m.weight_bits for m in weight_quantized_layers(gm)).count(8) == 2
     # the quantizer of the image (first conv's input) and of the last layer's input are 8-bit, the rest 4
@@ -129,7 +129,7 @@ def test_load_quantized_round_trip(protocol):
 
     model = _randomize_bn(build_model("fmnist_resnet", 10))
     x = torch.randn(8, 1, 28, 28)
-    gm = prepare(model, 4, 4, MinMaxObserver, protocol=protocol, weight_scheme="symmetric")
+    gm = prepare(model, 4, 4, MinMaxObserver, QuantSpec(protocol=protocol, weight_scheme="symmetric"))
     calibrate(gm, [x])
     ckpt = {"bits": "w4a4", "protocol": protocol, "weight_scheme": "symmetric", "state_dict": gm.state_dict()}
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_brecq_protocol_every_conv_linear_and_add_reads_quantized_tensors(arch, 
     from dfq.quant.prepare import QUANT_TYPES
 
     torch.manual_seed(0)
-    gm = prepare(_randomize_bn(build_model(arch, 10)), 4, 4, MinMaxObserver, protocol="brecq")
+    gm = prepare(_randomize_bn(build_model(arch, 10)), 4, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     x = torch.randn(*shape)
     calibrate(gm, [x])
     checks, hooks = [], []  # (kind, name, origin per input, input tensors)
@@ -230,8 +230,8 @@ def test_mse_weight_range_in_prepare_and_checkpoint(protocol):
 
     model = _randomize_bn(build_model("fmnist_resnet", 10))
     x = torch.randn(8, 1, 28, 28)
-    gm = prepare(model, 3, 4, MinMaxObserver, protocol=protocol, weight_range="mse")
-    plain = prepare(model, 3, 4, MinMaxObserver, protocol=protocol)
+    gm = prepare(model, 3, 4, MinMaxObserver, QuantSpec(protocol=protocol, weight_range="mse"))
+    plain = prepare(model, 3, 4, MinMaxObserver, QuantSpec(protocol=protocol))
     layers = weight_quantized_layers(gm)
     assert all(m.weight_range == "mse" for m in layers)
     for m in layers:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import act_quantizers, calibrate, find_blocks, prepare, set_quant_state, weight_quantized_layers
+from dfq.quant.prepare import act_quantizers, calibrate, find_blocks, QuantSpec, prepare, set_quant_state, weight_quantized_layers
 from dfq.quant.reconstruction import ReconConfig, beta_at, capture, reconstruct, recon_units, unit_error
 
 
@@ -20,7 +20,7 @@ def _on_grid(layer) -> bool:
 
 
 def test_units_are_blocks_plus_outer_layers_or_every_layer(narrow_resnet):
-    gm = prepare(narrow_resnet(), 4, 4, MinMaxObserver, protocol="brecq")
+    gm = prepare(narrow_resnet(), 4, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     assert find_blocks(narrow_resnet()) == ["layers.0", "layers.1", "layers.2"]
     blocks = recon_units(gm, layerwise=False)
     layers = recon_units(gm, layerwise=True)
@@ -47,7 +47,7 @@ def test_reconstruction_puts_weights_on_grid_and_lowers_block_error(data, method
     # FP32 targets include an error no rounding removes (the unit's input differs from the FP32 model's):
     # in 200 steps the rounding gets below nearest's error with lr 1e-2 (1e-3 needs about 1000 steps here)
     cfg = ReconConfig(iterations=200, act_iterations=50, batch_size=16, lr=1e-2)
-    gm = prepare(model, 3, 4, MinMaxObserver, protocol=protocol)
+    gm = prepare(model, 3, 4, MinMaxObserver, QuantSpec(protocol=protocol))
     out = reconstruct(gm, data, method, cfg)
     assert all(_on_grid(m) for m in weight_quantized_layers(gm)), "every weight sits on its grid"
     assert all(bool(fq.calibrated) and not fq.observing for fq in act_quantizers(gm))
@@ -63,11 +63,11 @@ def test_block_output_error_lower_than_nearest_rounding_in_the_quantized_model(d
     """End to end on a tiny model: every block's output, in the whole quantized model, is closer to
     the FP32 block output after BRECQ than with nearest rounding."""
     model = narrow_resnet()
-    nearest = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
+    nearest = prepare(model, 3, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     calibrate(nearest, [data])
-    recon = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
+    recon = prepare(model, 3, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     reconstruct(recon, data, "brecq", ReconConfig(iterations=200, act_iterations=100, batch_size=16))
-    fp32 = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")  # untouched: the FP32 block outputs
+    fp32 = prepare(model, 3, 4, MinMaxObserver, QuantSpec(protocol="brecq"))  # untouched: the FP32 block outputs
     set_quant_state(fp32, weights=False, acts=False)
     for name in recon_units(recon, layerwise=False)[1:-1]:
         target = capture(fp32, name, data, output=True)
@@ -125,9 +125,9 @@ def test_every_target_is_the_untouched_fp32_output(data, method, narrow_resnet, 
 
     monkeypatch.setattr(recon_mod, "optimize_unit", spy)
     model = narrow_resnet()
-    gm = prepare(model, 2, 4, MinMaxObserver, protocol="brecq")
+    gm = prepare(model, 2, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     reconstruct(gm, data, method, ReconConfig(iterations=20, act_iterations=10, batch_size=16))
-    fp32 = prepare(model, 2, 4, MinMaxObserver, protocol="brecq")
+    fp32 = prepare(model, 2, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     set_quant_state(fp32, weights=False, acts=False)
     units = recon_units(gm, layerwise=method == "adaround")
     assert [n for n, _ in targets][:len(units)] == units and len(targets) == len(units) * (2 if method == "brecq" else 1)
@@ -148,7 +148,7 @@ def test_qdrop_drops_only_while_reconstructing(data, narrow_resnet):
     from dfq.quant.prepare import load_quantized
 
     model = narrow_resnet()
-    gm = prepare(model, 3, 4, MinMaxObserver, protocol="brecq")
+    gm = prepare(model, 3, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     during = []
     hooks = [fq.register_forward_hook(lambda m, a, o: during.append(m.drop_prob) if torch.is_grad_enabled() else None)
              for fq in act_quantizers(gm)]
@@ -207,7 +207,7 @@ def test_brecq_step_size_phase_result_is_what_the_model_keeps(data, narrow_resne
 
     monkeypatch.setattr(ActFakeQuantize, "learn_scale", record_learn)
     monkeypatch.setattr(recon_mod, "optimize_unit", record_phase)
-    gm = prepare(narrow_resnet(), 3, 3, MinMaxObserver, protocol="brecq")
+    gm = prepare(narrow_resnet(), 3, 3, MinMaxObserver, QuantSpec(protocol="brecq"))
     out = reconstruct(gm, data, "brecq", ReconConfig(iterations=20, act_iterations=100, batch_size=16, act_lr=1e-3))
     learned = [u for u in out["units"] if act_quantizers(gm.get_submodule(u["unit"]))]
     assert learned and set(phase) == {u["unit"] for u in out["units"]}

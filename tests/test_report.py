@@ -123,16 +123,16 @@ def test_finetuned_cells_join_the_table_with_their_gain_and_time(tmp_path, monke
         kind = "finetune" if b.endswith("-ft") else "calibrate"
         (tmp_path / f"metrics/{kind}/{s}-s{k}-{b}.json").write_text(json.dumps({"seconds": 100.0 + k}))
     ft = {"sources": ["zeroq"], "bits": ["w4a4"]}
-    cells = report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], ft)
+    cells = report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], ft["sources"], ft["bits"])
     assert len(cells) == 6 and list(cells["bits"]).count("w4a4-ft") == 2
-    assert len(report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], {"sources": [], "bits": ["w4a4"]})) == 4
+    assert len(report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], [], ["w4a4"])) == 4
     agg = report.aggregate(cells)
     assert "| zeroq | W4A4 | 71.00 ± 1.41 | 77.00 ± 2.83 | +6.00 | 100 | 2 |" in report.finetune_table(agg, ["zeroq"], ["w4a4"])
     table = report.results_table({"top1": 81.0, "top5": 99.0}, agg, ["zeroq", "real"], ["w4a4", "w4a4-ft"])
     assert "| real | 2 | 81.00 (99.00) | 74.00 ± 0.00 (99.00) | n/a |" in table  # real is not fine-tuned
     assert "| real | 0 | 74.00 | n/a |" in report.seeds_table(cells, ["w4a4", "w4a4-ft"])
     with pytest.raises(FileNotFoundError, match="evaluate_finetune@real-0-w4a4"):
-        report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], {"sources": ["real"], "bits": ["w4a4"]})
+        report.pipeline_cells(["zeroq", "real"], [0, 1], ["w4a4"], ["real"], ["w4a4"])
 
 
 def test_validation_split_beside_the_test_set_and_env_is_one_column(tmp_path):

@@ -224,8 +224,8 @@ def test_model_without_bn_for_bn_sources():
 
 
 def test_weight_range_is_minmax_or_mse():
-    assert validate(GOOD).quantize.weight_range == "minmax"
-    assert validate(with_change("quantize.weight_range", "mse")).quantize.weight_range == "mse"
+    assert validate(GOOD).quantize.spec.weight_range == "minmax"
+    assert validate(with_change("quantize.weight_range", "mse")).quantize.spec.weight_range == "mse"
     with pytest.raises(ParamsError, match="quantize.weight_range: Input should be 'minmax' or 'mse'"):
         validate(with_change("quantize.weight_range", "l2.4"))
 

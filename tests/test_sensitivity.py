@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dfq.io import load_torch, save_torch
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import calibrate, layer_bits, load_quantized, prepare, weight_quantized_layers, weight_size
+from dfq.quant.prepare import calibrate, layer_bits, load_quantized, QuantSpec, prepare, weight_quantized_layers, weight_size
 from dfq.quant.fake_quant import fake_quantize, weight_qparams
 from dfq.quant.sensitivity import (allocate, allocate_cell, budget_bits, frontier_of, frontier_table, load_measurement,
                              measure, pareto_frontier)
@@ -27,7 +27,7 @@ def batches():
 def zeroq_sens(batches):
     import conftest
 
-    return measure(conftest._narrow_resnet(), batches, CANDIDATES, "zeroq", "asymmetric", "minmax")
+    return measure(conftest._narrow_resnet(), batches, CANDIDATES, QuantSpec("zeroq", "asymmetric", "minmax"))
 
 
 def test_8_bits_is_near_zero_and_sensitivity_grows_as_bits_fall(zeroq_sens):
@@ -48,7 +48,7 @@ def test_sensitivity_is_the_kl_of_that_layer_alone_on_the_pipeline_grid(batches,
     """One entry recomputed by hand: only that layer's weight replaced by its grid at b bits (symmetric,
     MSE-searched range: what calibrate would use), everything else FP32, KL averaged over the images."""
     model = narrow_resnet()
-    sens = measure(model, batches[:1], [3, 8], "zeroq", "symmetric", "mse")
+    sens = measure(model, batches[:1], [3, 8], QuantSpec("zeroq", "symmetric", "mse"))
     x = batches[0]
     with torch.no_grad():
         ref = F.log_softmax(model(x).double(), 1)
@@ -64,7 +64,7 @@ def test_sensitivity_is_the_kl_of_that_layer_alone_on_the_pipeline_grid(batches,
 
 
 def test_brecq_fixes_first_and_last_layer(batches, narrow_resnet):
-    sens = measure(narrow_resnet(), batches[:1], [4, 8], "brecq", "asymmetric", "minmax")
+    sens = measure(narrow_resnet(), batches[:1], [4, 8], QuantSpec("brecq", "asymmetric", "minmax"))
     fixed = [r["name"] for r in sens["layers"] if r["fixed_bits"] == 8]
     assert fixed == ["stem.0", "fc"] and all(r["kl"] is None for r in sens["layers"] if r["fixed_bits"])
     assert all(len(r["kl"]) == 2 for r in sens["layers"] if r["fixed_bits"] is None)
@@ -144,8 +144,8 @@ def test_prepare_rejects_unknown_layers_and_fixed_layers(narrow_resnet):
     with pytest.raises(ValueError, match=r"layer_bits names \['nope'\], not weight layers"):
         prepare(narrow_resnet(), 8, 8, MinMaxObserver, layer_bits={"nope": 4})
     with pytest.raises(ValueError, match=r"\['fc'\] are fixed at 8 bits by the brecq protocol"):
-        prepare(narrow_resnet(), 8, 8, MinMaxObserver, "brecq", layer_bits={"fc": 4})
-    gm = prepare(narrow_resnet(), 4, 8, MinMaxObserver, "brecq", layer_bits={"fc": 8, "layers.0.conv1": 2})
+        prepare(narrow_resnet(), 8, 8, MinMaxObserver, QuantSpec("brecq"), layer_bits={"fc": 4})
+    gm = prepare(narrow_resnet(), 4, 8, MinMaxObserver, QuantSpec("brecq"), layer_bits={"fc": 8, "layers.0.conv1": 2})
     assert gm.fixed_weight_layers == ["fc", "stem.0"]
     assert layer_bits(gm)["layers.0.conv1"] == 2 and layer_bits(gm)["fc"] == layer_bits(gm)["stem.0"] == 8
     assert layer_bits(gm)["layers.0.conv2"] == 4
@@ -168,24 +168,24 @@ def test_frontier_table_and_saved_measurement(zeroq_sens, tmp_path):
     assert "| 8 | 8.000 |" in table and "| 2 | 2.000 |" in table
     path = tmp_path / "s.json"
     path.write_text(json.dumps(zeroq_sens))
-    assert load_measurement(path, "zeroq", "asymmetric", "minmax") == zeroq_sens
+    assert load_measurement(path, QuantSpec("zeroq", "asymmetric", "minmax")) == zeroq_sens
     with pytest.raises(ValueError, match="measured with {'protocol': 'zeroq'}.*rerun the sensitivity stage"):
-        load_measurement(path, "brecq", "asymmetric", "minmax")
+        load_measurement(path, QuantSpec("brecq", "asymmetric", "minmax"))
     with pytest.raises(FileNotFoundError, match="run the sensitivity stage"):
-        load_measurement(tmp_path / "none.json", "zeroq", "asymmetric", "minmax")
+        load_measurement(tmp_path / "none.json", QuantSpec("zeroq", "asymmetric", "minmax"))
 
 
 @pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
 def test_a_size_budget_in_mb_fits_the_whole_model_and_is_optimal(batches, narrow_resnet, protocol):
     """mp<M>mba<A>: every quantized weight, the fixed 8-bit layers included, fits M MB (as weight_size counts
     it), and the summed KL is the brute-force minimum over the allocatable layers under that size."""
-    sens = measure(narrow_resnet(), batches[:1], [2, 4, 8], protocol, "symmetric", "minmax")
+    sens = measure(narrow_resnet(), batches[:1], [2, 4, 8], QuantSpec(protocol, "symmetric", "minmax"))
     rows = [r for r in sens["layers"] if r["fixed_bits"] is None]
     fixed = sum(r["params"] * r["fixed_bits"] for r in sens["layers"] if r["fixed_bits"])
     total = sum(r["params"] for r in sens["layers"])
     mb = round((fixed + 4 * sum(r["params"] for r in rows)) / 8e6 * 0.97, 6)  # a little under uniform 4 bits
     per_layer, alloc = allocate_cell(sens, f"mp{mb:g}mba4")
-    gm = prepare(narrow_resnet(), 8, 4, MinMaxObserver, protocol, "symmetric", layer_bits=per_layer)
+    gm = prepare(narrow_resnet(), 8, 4, MinMaxObserver, QuantSpec(protocol, "symmetric"), layer_bits=per_layer)
     assert weight_size(gm)["weight_mb"] == pytest.approx(alloc["weight_mb"]) and alloc["weight_mb"] <= mb
     assert alloc["budget_mb"] == mb and weight_size(gm)["weight_params"] == total
     if len(rows) <= 10:  # 3^10 choices
@@ -198,11 +198,12 @@ def test_a_size_budget_in_mb_fits_the_whole_model_and_is_optimal(batches, narrow
 
 def test_a_mixed_cell_exports_with_its_own_bits_per_layer(zeroq_sens, batches, narrow_resnet):
     """ONNX Runtime runs a mixed model (each layer its own grid, stored in int8) with the fake-quant logits."""
-    from dfq.deploy.export import run, session, to_onnx
+    from dfq.deploy.qdq import to_onnx
+    from dfq.deploy.runtime import run, session
     from dfq.quant.prepare import round_biases
 
     per_layer, _ = allocate_cell(zeroq_sens, "mp3.5a8")
-    gm = prepare(narrow_resnet(), 8, 8, MinMaxObserver, "zeroq", "symmetric", layer_bits=per_layer)
+    gm = prepare(narrow_resnet(), 8, 8, MinMaxObserver, QuantSpec("zeroq", "symmetric"), layer_bits=per_layer)
     calibrate(gm, batches)
     round_biases(gm)
     data, records = to_onnx(gm, (1, 1, 16, 16), "zeroq")

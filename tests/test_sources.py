@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dfq.generation import sharding
-from dfq.generation.generators import batch_seed, generate_batch, init_images
+from dfq.generation.generators import PlainConfig, batch_seed, generate_batch, init_images
 from dfq.io import load_torch
 from dfq.quant.observers import MinMaxObserver
 from dfq.quant.prepare import calibrate, prepare
@@ -33,7 +33,7 @@ def test_zeroq_uniform_init_is_the_official_codes_grid():
 def _make_set(tmp_path, source, sizes, real=None, seed=7):
     """What the generate stage does for one source: batches into a scratch folder, then assembled."""
     scratch, out = tmp_path / f"scratch-{source}", tmp_path / "calib" / source
-    sharding.make_batches(source, {}, seed, sizes, SHAPE, None, real, scratch, list(range(len(sizes))))
+    sharding.make_batches(source, PlainConfig(), seed, sizes, SHAPE, None, real, scratch, list(range(len(sizes))))
     sharding.assemble(out, {"source": source, "method": source, "seed": seed}, len(sizes), scratch)
     return out
 
@@ -53,7 +53,7 @@ def test_gaussian_source_is_seeded_standard_normal_noise(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_images"] == 208 and [b["shape"][0] for b in meta["batches"]] == sizes
     # the model plays no part: a batch is the same whatever model is passed
-    x, info, extras = generate_batch("gaussian", torch.nn.Identity(), (5, *SHAPE), 3, {})
+    x, info, extras = generate_batch("gaussian", torch.nn.Identity(), (5, *SHAPE), 3, PlainConfig())
     assert torch.equal(x, torch.randn((5, *SHAPE), generator=torch.Generator().manual_seed(3)))
     assert info == {} and extras is None
 
@@ -67,7 +67,7 @@ def test_real_source_is_the_real_subset_in_order(tmp_path):
     assert torch.equal(torch.cat(batches), real)
     assert json.loads((out / "meta.json").read_text())["num_images"] == 10
     with pytest.raises(ValueError, match="real"):
-        generate_batch("real", torch.nn.Identity(), (2, *SHAPE), 0, {})
+        generate_batch("real", torch.nn.Identity(), (2, *SHAPE), 0, PlainConfig())
 
 
 def test_calibration_on_gaussian_and_real_sets(tmp_path, narrow_resnet):

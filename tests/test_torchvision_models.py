@@ -74,11 +74,11 @@ def test_bn_layers_are_exactly_those_an_eval_forward_runs(arch):
 @pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
 def test_one_dsg_generation_step(arch):
     """SDA margins, LSE over the executed BN layers and one Adam step of the pixels: finite and moved."""
-    from dfq.generation.generators import dsg_batch
+    from dfq.generation.generators import DSGConfig, dsg_batch
 
     model = build_model(arch, 10).eval()
     x0 = _input(arch, batch=4)
-    x, info, margins = dsg_batch(model, tuple(x0.shape), seed=0, iterations=1)
+    x, info, margins = dsg_batch(model, tuple(x0.shape), 0, DSGConfig(iterations=1))
     assert x.shape == x0.shape and torch.isfinite(x).all()
     assert math.isfinite(info["loss_start"]) and math.isfinite(info["loss_end"])
     assert len(margins["mean"]) == count_bn(model)
@@ -87,7 +87,7 @@ def test_one_dsg_generation_step(arch):
 @pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
 def test_inception_v3_prepare_calibrate_forward(protocol):
     from dfq.quant.observers import MinMaxObserver
-    from dfq.quant.prepare import calibrate, find_blocks, prepare, summary
+    from dfq.quant.prepare import calibrate, find_blocks, QuantSpec, prepare, summary
 
     torch.manual_seed(0)
     model = build_model("inception_v3", 10).eval()
@@ -96,7 +96,7 @@ def test_inception_v3_prepare_calibrate_forward(protocol):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
     assert "AuxLogits" not in find_blocks(model) and "Mixed_7c" in find_blocks(model)
-    gm = prepare(model, 8, 8, MinMaxObserver, protocol=protocol)
+    gm = prepare(model, 8, 8, MinMaxObserver, QuantSpec(protocol=protocol))
     assert not any(name.startswith("AuxLogits") for name, _ in gm.named_modules())
     # 94 convs + fc run in eval mode (AuxLogits' 2 convs and fc do not)
     assert summary(gm)["weight_layers"] == 95

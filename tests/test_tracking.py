@@ -136,7 +136,8 @@ def test_texts_are_logged_and_leave_other_hashes_alone(tmp_path):
 def test_mixed_run_extras_and_cell_params(tmp_path):
     import json
 
-    from dfq.pipeline.tracking import calibrate_stage, cell_quantize_params, mixed_run_extras
+    from dfq.pipeline.paths import calibrate_stage
+    from dfq.pipeline.tracking import cell_quantize_params, mixed_run_extras
 
     alloc = {"budget_avg_bits": 4.0, "budget_bits": 40, "avg_bits": 3.9, "kl_sum": 0.0123, "allocatable_params": 10,
              "layers": [{"name": "stem.0", "params": 4, "bits": 6, "kl": 0.01, "fixed": False},

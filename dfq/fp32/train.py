@@ -7,12 +7,28 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 from torch import nn
 from tqdm import tqdm
 
 from dfq.fp32.datasets import InputSpec
+
+
+@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
+class TrainConfig:
+    """Training of the embedded model (train; only when model.weights is null)."""
+
+    epochs: int = Field(8, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0)  # the one-cycle schedule's peak
+    weight_decay: float = Field(5e-4, ge=0)
+    seed: int = Field(0, ge=0)  # batch order, augmentation and the weight init
+    max_images: Optional[int] = Field(None, gt=0)  # train on the first N training images only (None: all)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator, shift: int = 0) -> torch.Tensor:
@@ -32,19 +48,26 @@ def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
     spec: InputSpec,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
+    cfg: TrainConfig = TrainConfig(),
 ) -> nn.Module:
-    """Train ``model`` on uint8 ``images`` (N, H, W) with integer ``labels``; returns it in eval mode."""
+    """Train ``model`` on uint8 ``images`` (N, H, W) with integer ``labels`` (the first ``cfg.max_images`` of
+    them when set); returns it in eval mode.
+
+    Args:
+        model: the classifier, trained in place (channels-last while training).
+        images: uint8 training images, (N, H, W) or (N, C, H, W); normalised per batch by ``spec``.
+        labels: integer class labels, shape (N,).
+        spec: the model's InputSpec: the normalisation from [0, 1] pixels to the model's input.
+        cfg: epochs, batch size, peak lr of the one-cycle SGD schedule, weight decay, seed (batch order, augmentation,
+            init) and max_images (None: all images).
+    """
+    epochs, batch_size, lr, seed = cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed
+    images, labels = images[: cfg.max_images or len(labels)], labels[: cfg.max_images or len(labels)]
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = model.to(memory_format=torch.channels_last).train()
     steps_per_epoch = math.ceil(len(labels) / batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     for epoch in range(epochs):
         perm = torch.randperm(len(labels), generator=g)

@@ -9,9 +9,11 @@ import contextlib
 import hashlib
 import math
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal, Optional, Union
 
 import torch
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
 from torch import nn
 from tqdm import tqdm
 
@@ -20,6 +22,67 @@ from dfq.generation.losses import dsg_loss, lse_weights, sda_margins, zeroq_loss
 
 INITS = ("gaussian", "uniform", "zeroq_uniform")
 PROBES = ("gaussian", "uniform", "init")
+SOURCES = ("gaussian", "zeroq", "dsg", "real")
+_CONFIG = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+
+
+def _one_of(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+@dataclass(config=_CONFIG, frozen=True)
+class PlainConfig:
+    """gaussian (N(0, 1) noise) and real (a seeded draw from the real pool): nothing to tune."""
+
+    method: Optional[Literal["gaussian", "real"]] = None
+
+
+@dataclass(config=_CONFIG, frozen=True)
+class ZeroQConfig:
+    """ZeroQ (Cai et al. 2020): per-sample BN-statistic matching by Adam on the pixels, plateau-decayed lr."""
+
+    method: Optional[Literal["zeroq"]] = None
+    iterations: int = Field(500, gt=0)
+    lr: float = Field(0.5, gt=0)
+    patience: int = Field(100, ge=0)  # ReduceLROnPlateau on the loss
+    min_lr: float = Field(1e-4, ge=0)
+    init: str = "gaussian"  # gaussian | uniform | zeroq_uniform (the official ZeroQ code's tiny uniform init)
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, v: str) -> str:
+        return _one_of(v, INITS, "init")
+
+
+@dataclass(config=_CONFIG, frozen=True)
+class DSGConfig(ZeroQConfig):
+    """DSG (Zhang, Qin et al. 2021): ZeroQ's optimisation with slack margins (SDA) and layerwise sample
+    enhancement (LSE), plus the official code's extras; SDA, LSE and every extra off is ZeroQ exactly."""
+
+    method: Optional[Literal["dsg"]] = None
+    sda: bool = True  # slack distribution alignment: dead-zone loss inside per-layer margins
+    eps: float = Field(0.9, ge=0, le=1)  # margins: eps-quantile of |stat(probe) - BN running stat|
+    per_channel: bool = False  # one margin per channel instead of per layer
+    margin_probe: str = "gaussian"  # the probe batch: gaussian | uniform | init (the batch's own start)
+    lse: bool = True
+    lse_weight: float = Field(2.0, ge=1)  # 2: the paper's X = I + 1 1^T; 4: the official code
+    lse_tied: Optional[int] = Field(None, gt=0)  # None: sample j tied to layer j mod L; N: samples j < N only
+    label_weight: float = Field(0.0, ge=0)  # cross-entropy to seeded random labels
+    tv_weight: float = Field(0.0, ge=0)  # L2 total variation of the jittered batch
+    l2_weight: float = Field(0.0, ge=0)  # mean per-image L2 norm of the jittered batch
+    jitter: int = Field(0, ge=0)  # priors see the batch rolled by a random offset in [-jitter, jitter) px
+    unbiased_std: bool = False  # per-sample variance: population (BN's) or unbiased (the code's torch.var)
+
+    @field_validator("margin_probe")
+    @classmethod
+    def _known_probe(cls, v: str) -> str:
+        return _one_of(v, PROBES, "margin_probe")
+
+
+SourceConfig = Union[PlainConfig, ZeroQConfig, DSGConfig]
+CONFIGS = {"gaussian": PlainConfig, "real": PlainConfig, "zeroq": ZeroQConfig, "dsg": DSGConfig}
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -85,6 +148,16 @@ def optimize_images(
 
     Returns the images and {"loss_start", "loss_end", "iterations", "seconds", "seconds_per_iter"}.
     A NaN or infinite loss stops with an error naming the iteration.
+
+    Args:
+        model: the FP32 model, frozen (eval mode, no weight gradients) while the pixels are optimised.
+        x0: starting images (B, C, H, W) in the normalised input space; a copy is optimised, ``x0`` is unchanged.
+        loss_fn: (images, BN input stats of the forward pass, logits) -> scalar loss.
+        iterations: number of Adam steps.
+        lr: Adam's initial learning rate.
+        patience: ReduceLROnPlateau patience: steps without a lower loss before the lr is cut.
+        min_lr: the floor of the plateau schedule's learning rate.
+        desc: progress-bar label, also named in the error of a non-finite loss.
     """
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr, fused=True if x.is_cuda else None)  # one kernel per step on a GPU
@@ -122,20 +195,23 @@ def zeroq_batch(
     model: nn.Module,
     shape: tuple[int, ...],
     seed: int,
-    *,
-    iterations: int = 500,
-    lr: float = 0.5,
-    patience: int = 100,
-    min_lr: float = 1e-4,
-    init: str = "gaussian",
+    cfg: ZeroQConfig = ZeroQConfig(),
     device: str | torch.device = "cpu",
     desc: str = "zeroq",
 ) -> tuple[torch.Tensor, dict]:
-    """One ZeroQ batch: BN-statistic matching of per-sample statistics plus the image prior, no labels."""
-    x0 = init_images(init, shape, torch.Generator().manual_seed(seed)).to(device)
-    x, info = optimize_images(
-        model, x0, zeroq_loss, iterations=iterations, lr=lr, patience=patience, min_lr=min_lr, desc=desc
-    )
+    """One ZeroQ batch: BN-statistic matching of per-sample statistics plus the image prior, no labels.
+
+    Args:
+        model: the FP32 model whose BN statistics the images match.
+        shape: (B, C, H, W) of the batch.
+        seed: the batch's seed (``batch_seed``): draws the starting pixels.
+        cfg: iterations, lr, patience, min_lr and init (gaussian | uniform | zeroq_uniform) of the optimisation.
+        device: where the optimisation runs; the images come back on the CPU.
+        desc: progress-bar label.
+    """
+    x0 = init_images(cfg.init, shape, torch.Generator().manual_seed(seed)).to(device)
+    x, info = optimize_images(model, x0, zeroq_loss, iterations=cfg.iterations, lr=cfg.lr, patience=cfg.patience,
+                              min_lr=cfg.min_lr, desc=desc)
     return x.cpu(), info
 
 
@@ -167,7 +243,19 @@ def margin_probe(probe: str, shape: tuple[int, ...], seed: int, x0: torch.Tensor
 @torch.no_grad()
 def compute_margins(model: nn.Module, shape: tuple[int, ...], seed: int, eps: float, per_channel: bool, device="cpu",
                     probe: str = "gaussian", x0: torch.Tensor | None = None, unbiased_std: bool = False):
-    """SDA margins: the eps-quantile of |stat - BN stat| over one forward pass of the probe batch."""
+    """SDA margins: the eps-quantile of |stat - BN stat| over one forward pass of the probe batch.
+
+    Args:
+        model: the FP32 model whose BN layers' running statistics the probe is compared with.
+        shape: (B, C, H, W) of the probe batch (gaussian and uniform probes).
+        seed: the batch's seed; a gaussian or uniform probe is drawn with ``probe_seed(seed)``.
+        eps: quantile in [0, 1] of |stat - BN running stat| that sets each margin.
+        per_channel: one margin per channel (True) or one per layer (False).
+        device: where the probe's forward pass runs.
+        probe: gaussian (N(0, 1)) | uniform (U[0, 1)) | init (the batch's starting pixels ``x0``).
+        x0: the batch's starting pixels; required for probe init, else unused.
+        unbiased_std: per-sample stds from the unbiased variance instead of the population one (BN's).
+    """
     x = margin_probe(probe, shape, seed, x0).to(device)
     with frozen(model), BNInputStats(model).to(device) as stats:
         model(x)
@@ -178,24 +266,7 @@ def dsg_batch(
     model: nn.Module,
     shape: tuple[int, ...],
     seed: int,
-    *,
-    iterations: int = 500,
-    lr: float = 0.5,
-    patience: int = 100,
-    min_lr: float = 1e-4,
-    init: str = "gaussian",
-    sda: bool = True,
-    eps: float = 0.9,
-    per_channel: bool = False,
-    margin_probe: str = "gaussian",
-    lse: bool = True,
-    lse_weight: float = 2.0,
-    lse_tied: int | None = None,
-    label_weight: float = 0.0,
-    tv_weight: float = 0.0,
-    l2_weight: float = 0.0,
-    jitter: int = 0,
-    unbiased_std: bool = False,
+    cfg: DSGConfig = DSGConfig(),
     device: str | torch.device = "cpu",
     desc: str = "dsg",
 ) -> tuple[torch.Tensor, dict, dict | None]:
@@ -205,42 +276,60 @@ def dsg_batch(
     j < N, at layer j). The official code's extras: cross-entropy to seeded uniformly random labels
     (``label_weight``), L2 total variation and per-image L2 norm of the batch rolled by a random offset in
     [-jitter, jitter) (``tv_weight``, ``l2_weight``), unbiased per-sample variances (``unbiased_std``).
-    SDA, LSE and every extra off is ZeroQ exactly. Returns (images, info, margins or None)."""
+    SDA, LSE and every extra off is ZeroQ exactly. Returns (images, info, margins or None).
+
+    Args:
+        model: the FP32 model whose BN statistics the images match.
+        shape: (B, C, H, W) of the batch.
+        seed: the batch's seed: the starting pixels; the probe (``probe_seed``) and the labels and jitter offsets
+            (``extras_seed``) use seeds derived from it.
+        cfg: ZeroQ's optimisation fields plus sda, eps, per_channel, margin_probe, lse, lse_weight, lse_tied and the
+            extras (label_weight, tv_weight, l2_weight, jitter, unbiased_std).
+        device: where the optimisation runs; images and margins come back on the CPU.
+        desc: progress-bar label.
+    """
     num_layers = len(BNInputStats(model))
-    x0 = init_images(init, shape, torch.Generator().manual_seed(seed)).to(device)
-    margins = (compute_margins(model, shape, seed, eps, per_channel, device, margin_probe, x0, unbiased_std)
-               if sda else None)
-    weights = lse_weights(shape[0], num_layers, lse_weight, lse_tied).to(device) if lse else None
+    x0 = init_images(cfg.init, shape, torch.Generator().manual_seed(seed)).to(device)
+    margins = (compute_margins(model, shape, seed, cfg.eps, cfg.per_channel, device, cfg.margin_probe, x0,
+                               cfg.unbiased_std) if cfg.sda else None)
+    weights = lse_weights(shape[0], num_layers, cfg.lse_weight, cfg.lse_tied).to(device) if cfg.lse else None
     g = torch.Generator().manual_seed(extras_seed(seed))
     labels = []
 
     def loss_fn(x, stats, logits):
-        if label_weight and not labels:  # drawn once per batch, uniformly over the model's classes
+        if cfg.label_weight and not labels:  # drawn once per batch, uniformly over the model's classes
             labels.append(torch.randint(logits.shape[1], (len(x),), generator=g).to(logits.device))
-        offset = int(torch.randint(-jitter, jitter, (1,), generator=g)) if jitter else 0
+        offset = int(torch.randint(-cfg.jitter, cfg.jitter, (1,), generator=g)) if cfg.jitter else 0
         return dsg_loss(x, stats, margins, weights, logits, labels=labels[0] if labels else None,
-                        label_weight=label_weight, tv_weight=tv_weight, l2_weight=l2_weight, offset=offset,
-                        unbiased_std=unbiased_std)
+                        label_weight=cfg.label_weight, tv_weight=cfg.tv_weight, l2_weight=cfg.l2_weight, offset=offset,
+                        unbiased_std=cfg.unbiased_std)
 
-    x, info = optimize_images(
-        model, x0, loss_fn, iterations=iterations, lr=lr, patience=patience, min_lr=min_lr, desc=desc
-    )
+    x, info = optimize_images(model, x0, loss_fn, iterations=cfg.iterations, lr=cfg.lr, patience=cfg.patience,
+                              min_lr=cfg.min_lr, desc=desc)
     saved = None
     if margins is not None:
         saved = {"mean": [m.cpu() for m in margins[0]], "std": [g.cpu() for g in margins[1]],
-                 "eps": eps, "per_channel": per_channel, "probe": margin_probe}
+                 "eps": cfg.eps, "per_channel": cfg.per_channel, "probe": cfg.margin_probe}
     return x.cpu(), info, saved
 
 
-SOURCES = ("gaussian", "zeroq", "dsg", "real")
-
-
-def method_of(source: str, cfg: dict) -> str:
+def method_of(source: str, group: dict) -> str:
     """A source's generation method: its params group's ``method`` key, else its own name."""
-    method = cfg.get("method", source)
+    method = group.get("method", source)
     if method not in SOURCES:
         raise ValueError(f"generate.{source}.method={method!r} is unknown; allowed: {', '.join(SOURCES)}")
     return method
+
+
+def source_config(source: str, group: dict) -> SourceConfig:
+    """The typed config of a source's params group (its method's config class; pydantic's ValidationError
+    names the offending key)."""
+    return CONFIGS[method_of(source, group)](**group)
+
+
+def config_method(source: str, cfg: SourceConfig) -> str:
+    """The method a typed source config runs: its ``method`` field, else the source's own name."""
+    return cfg.method or source
 
 
 def real_subset(pool: torch.Tensor, num_images: int, seed: int, skip: int = 0) -> torch.Tensor:
@@ -254,16 +343,26 @@ def real_subset(pool: torch.Tensor, num_images: int, seed: int, skip: int = 0) -
     return pool[pick.sort().values]
 
 
-def generate_batch(source: str, model: nn.Module, shape: tuple[int, ...], seed: int, cfg: dict,
+def generate_batch(source: str, model: nn.Module, shape: tuple[int, ...], seed: int, cfg: SourceConfig,
                    device="cpu", desc: str = "") -> tuple[torch.Tensor, dict, dict | None]:
-    """One batch of a synthetic source: (images, info, extras to save beside it or None)."""
-    method = method_of(source, cfg)
-    cfg = {k: v for k, v in cfg.items() if k != "method"}
+    """One batch of a synthetic source: (images, info, extras to save beside it or None).
+
+    Args:
+        source: the source's name; its method when ``cfg.method`` is None.
+        model: the FP32 model the images are optimised against (unused by gaussian).
+        shape: (B, C, H, W) of the batch.
+        seed: the batch's seed (``batch_seed(set seed, batch index)``).
+        cfg: the source's typed config (PlainConfig, ZeroQConfig or DSGConfig); its method must be gaussian, zeroq or
+            dsg, else ValueError (real batches are drawn, not made here).
+        device: where zeroq and dsg optimise; the images come back on the CPU.
+        desc: progress-bar label.
+    """
+    method = config_method(source, cfg)
     if method == "gaussian":
         return gaussian_batch(shape, seed), {}, None
     if method == "zeroq":
-        x, info = zeroq_batch(model, shape, seed, device=device, desc=desc, **cfg)
+        x, info = zeroq_batch(model, shape, seed, cfg, device=device, desc=desc)
         return x, info, None
     if method == "dsg":
-        return dsg_batch(model, shape, seed, device=device, desc=desc, **cfg)
+        return dsg_batch(model, shape, seed, cfg, device=device, desc=desc)
     raise ValueError(f"generate source {source!r}: method {method!r} makes no synthetic batches here")

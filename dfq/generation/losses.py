@@ -148,6 +148,20 @@ def dsg_loss(x: torch.Tensor, stats: BNInputStats, margins=None, weights: torch.
 
     ``margins`` None (no SDA) uses the exact ZeroQ layer loss and ``weights`` None (no LSE) weighs every
     layer once, so with both off, no extra term and population stds this is the ZeroQ loss, value for value.
+
+    Args:
+        x: the batch being optimised, (B, C, H, W).
+        stats: BN input statistics of the forward pass of ``x`` (every BN layer seen).
+        margins: (mean margins, std margins) from ``sda_margins``: SDA's dead zone; None: the exact ZeroQ layer loss.
+        weights: (B, L) LSE weights from ``lse_weights``; None: every layer counts once.
+        logits: the model's output for ``x``; used only when ``label_weight`` > 0.
+        labels: (B,) integer labels of the cross-entropy term; used only when ``label_weight`` > 0.
+        label_weight: weight of the cross-entropy of ``logits`` to ``labels`` (0: no term).
+        tv_weight: weight of the L2 total variation of the rolled batch (0: no term).
+        l2_weight: weight of the mean per-image L2 norm of the rolled batch (0: no term).
+        offset: pixels the batch is rolled by along both spatial axes for the TV and L2 terms (0: not rolled).
+        unbiased_std: per-sample stds from the unbiased variance (the official code's torch.var) instead of the
+            population one (BN's).
     """
     stats.check_complete()
     mat = (layer_loss_matrix(stats, unbiased_std) if margins is None

@@ -71,7 +71,21 @@ def finished(scratch: Path, i: int) -> bool:
 
 def make_batches(source, cfg, base_seed, sizes, shape, model, real, scratch: Path, todo, device="cpu") -> None:
     """Make the batches in ``todo`` not finished yet into the scratch folder (each file atomic, the info file
-    last)."""
+    last).
+
+    Args:
+        source: the source's name (``generate_batch``'s method fallback; progress and log labels).
+        cfg: the source's typed config (``generators.source_config``).
+        base_seed: the set's seed; batch i is seeded with ``batch_seed(base_seed, i)``.
+        sizes: image count of every batch of the set, indexed by batch.
+        shape: one image's shape (C, H, W).
+        model: the FP32 model synthetic batches are generated against (unused when ``real`` is given).
+        real: the real images of the whole set in batch order (batch i: real[sum(sizes[:i]):][:sizes[i]]); None:
+            synthetic batches.
+        scratch: folder of finished batches (batch_, margins_ and info_<i:05d> files), keyed by ``scratch_key``.
+        todo: indices of the batches this process makes (``my_batches``); finished ones are skipped.
+        device: where synthetic batches are optimised.
+    """
     from tqdm import tqdm
 
     done = [i for i in todo if finished(scratch, i)]

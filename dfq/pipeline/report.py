@@ -7,23 +7,32 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dfq.cells import base_bits, cell_name, finetuned, is_mixed
 from dfq.io import atomic_path, save_text
+from dfq.pipeline.paths import evaluate_stage
 
 
 def set_metrics(sources: list[str], seeds: list[int], bits: list[str], eval_dir="metrics/eval",
                 calib_dir="metrics/calibrate") -> pd.DataFrame:
     """One row per (source, seed, bits) cell: its evaluation metrics (test: top1, top5; validation split:
     val_top1, val_top5 when measured) and calibration wall time, read from ``<eval_dir>/<source>-s<seed>-<bits>.json``
-    (and the same name in ``calib_dir``). A metrics file's ``env`` (dfq.provenance) stays one column of dicts."""
+    (and the same name in ``calib_dir``). A metrics file's ``env`` (dfq.provenance) stays one column of dicts.
+
+    Args:
+        sources: calibration source names.
+        seeds: the seeds of every source.
+        bits: cell names, e.g. w4a4, mp4a4 or w4a4-ft.
+        eval_dir: folder of the evaluation metrics files; a missing file raises FileNotFoundError naming its stage.
+        calib_dir: folder of the calibration (or fine-tuning) metrics files, read for ``seconds``; a missing file gives
+            None.
+    """
     rows = []
     for s in sources:
         for k in seeds:
             for b in bits:
-                path = Path(eval_dir) / f"{s}-s{k}-{b}.json"
+                path = Path(eval_dir) / f"{cell_name(s, b, k)}.json"
                 if not path.is_file():
-                    stage = ("evaluate_finetune" if b.endswith("-ft") else "evaluate_mixed" if b.startswith("mp")
-                             else "evaluate")
-                    raise FileNotFoundError(f"{path}: missing (run the {stage}@{s}-{k}-{b.removesuffix('-ft')} stage first)")
+                    raise FileNotFoundError(f"{path}: missing (run the {evaluate_stage(s, k, b)} stage first)")
                 calib = Path(calib_dir) / path.name
                 seconds = json.loads(calib.read_text())["seconds"] if calib.is_file() else None
                 rows.append({**json.loads(path.read_text()), "source": s, "seed": k, "bits": b,
@@ -31,13 +40,22 @@ def set_metrics(sources: list[str], seeds: list[int], bits: list[str], eval_dir=
     return pd.DataFrame(rows)
 
 
-def pipeline_cells(sources: list[str], seeds: list[int], bits: list[str], finetune: dict) -> pd.DataFrame:
+def pipeline_cells(sources: list[str], seeds: list[int], bits: list[str], tuned_sources: list[str] = (),
+                   tuned_bits: list[str] = ()) -> pd.DataFrame:
     """Every cell of the pipeline: sources x seeds x bits (uniform and mixed), then the fine-tuned cells
-    ``finetune["sources"]`` x seeds x ``<bits>-ft`` (their ``calibration_seconds``: the fine-tuning time)."""
+    ``tuned_sources`` x seeds x ``<tuned_bits>-ft`` (their ``calibration_seconds``: the fine-tuning time).
+
+    Args:
+        sources: calibration source names.
+        seeds: the seeds of every source.
+        bits: calibrated cells, uniform and mixed (e.g. w4a4, mp4a4).
+        tuned_sources: sources with fine-tuned cells (empty: none, only the calibrated cells).
+        tuned_bits: the cells those were fine-tuned from, read as <bits>-ft with times from metrics/finetune.
+    """
     cells = set_metrics(sources, seeds, bits)
-    if not finetune["sources"]:
+    if not tuned_sources:
         return cells
-    tuned = set_metrics(finetune["sources"], seeds, [f"{b}-ft" for b in finetune["bits"]], calib_dir="metrics/finetune")
+    tuned = set_metrics(tuned_sources, seeds, [finetuned(b) for b in tuned_bits], calib_dir="metrics/finetune")
     return pd.concat([cells, tuned], ignore_index=True)
 
 
@@ -48,7 +66,7 @@ def finetune_table(agg: pd.DataFrame, sources: list[str], bits: list[str]) -> st
     lines = ["| source | bits | calibrated | fine-tuned | gain | fine-tuning s | seeds |", "|" + "---|" * 7]
     for s in sources:
         for b in bits:
-            c, t = idx.loc[(s, b)], idx.loc[(s, f"{b}-ft")]
+            c, t = idx.loc[(s, b)], idx.loc[(s, finetuned(b))]
             lines.append(f"| {s} | {b.upper()} | {_pm(c['top1_mean'], c['top1_std'])} | {_pm(t['top1_mean'], t['top1_std'])} "
                          f"| {t['top1_mean'] - c['top1_mean']:+.2f} | {t['calibration_seconds_mean']:.0f} | {int(t['seeds'])} |")
     return "\n".join(lines) + "\n"
@@ -76,7 +94,15 @@ def _pm(mean: float, std: float) -> str:
 def results_table(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[str], prefix: str = "") -> str:
     """Markdown table: one row per source, columns FP32 and each bit-width: top-1 % mean ± std over
     seeds (top-5 mean in brackets), and the seed count. ``prefix`` "val_": the validation split's
-    (val_top1, val_top5) instead of the test set's; a cell without them is n/a."""
+    (val_top1, val_top5) instead of the test set's; a cell without them is n/a.
+
+    Args:
+        fp32: the FP32 model's metrics (top1, top5, val_top1, val_top5 when measured), in %.
+        agg: ``aggregate`` of the cells: <metric>_mean, <metric>_std and seeds per (source, bits).
+        sources: table rows, in order.
+        bits: table columns, in order; a (source, bits) pair missing from ``agg`` is n/a.
+        prefix: "": the test set's top1/top5; "val_": the validation split's.
+    """
     t1, t5 = f"{prefix}top1", f"{prefix}top5"
     head = "| source | seeds | FP32 | " + " | ".join(b.upper() for b in bits) + " |"
     lines = [head, "|" + "---|" * (3 + len(bits))]
@@ -103,7 +129,16 @@ def results_table(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[
 def validation_section(fp32: dict, agg: pd.DataFrame, cells: pd.DataFrame, sources: list[str], bits: list[str],
                        images: int | None = None) -> str:
     """Markdown section of the validation split's accuracy (val_top1, val_top5): the results table and every
-    seed's top-1, as for the test set; "" when no cell was measured on one (data.val_images 0)."""
+    seed's top-1, as for the test set; "" when no cell was measured on one (data.val_images 0).
+
+    Args:
+        fp32: the FP32 model's metrics (val_top1, val_top5 when measured), in %.
+        agg: ``aggregate`` of the cells (val_top1_mean, val_top1_std, ... and seeds per (source, bits)).
+        cells: one row per cell (``set_metrics`` / ``pipeline_cells``), with a val_top1 column when measured.
+        sources: table rows, in order.
+        bits: table columns, in order.
+        images: size of the validation split, named in the text (None or 0: not named).
+    """
     if "val_top1" not in cells or cells["val_top1"].isna().all():
         return ""
     n = f"{images} " if images else ""
@@ -184,7 +219,15 @@ def plot_size_vs_top1(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: l
     """Top-1 against quantized weight size, one panel per source, one colour per activation bit-width:
     uniform cells (circles, joined by size) and mixed-precision cells (stars), mean over seeds with std
     error bars; FP32 top-1 dashed. The y axis starts at most 10 points below FP32: a cell further down is
-    drawn on the bottom edge (triangle) with its top-1 written beside it."""
+    drawn on the bottom edge (triangle) with its top-1 written beside it.
+
+    Args:
+        fp32: the FP32 model's metrics; its top1 (%) is the dashed line.
+        agg: ``aggregate`` of the cells: top1_mean, top1_std, weight_mb_mean and seeds per (source, bits).
+        sources: one panel each, three per row.
+        bits: cells to plot (uniform w<W>a<A> or mixed mp...a<A>); the activation bits follow the last "a".
+        path: PNG file to write (atomically).
+    """
     plt = _plt()
     idx = agg.set_index(["source", "bits"])
     acts = sorted({int(b.rsplit("a", 1)[1]) for b in bits}, reverse=True)
@@ -197,7 +240,7 @@ def plot_size_vs_top1(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: l
     for ax, s in zip(axes.flat, sources):
         for a in acts:
             for mixed in (False, True):
-                cells = [b for b in bits if (s, b) in idx.index and b.startswith("mp") == mixed
+                cells = [b for b in bits if (s, b) in idx.index and is_mixed(b) == mixed
                          and int(b.rsplit("a", 1)[1]) == a]
                 pts = sorted((idx.loc[(s, b)]["weight_mb_mean"], idx.loc[(s, b)]["top1_mean"],
                               0.0 if pd.isna(idx.loc[(s, b)]["top1_std"]) else idx.loc[(s, b)]["top1_std"], b)
@@ -252,7 +295,15 @@ def _plt():
 
 def plot_accuracy_vs_bits(fp32: dict, agg: pd.DataFrame, sources: list[str], bits: list[str], path) -> None:
     """Top-1 against bit-width, one line per source (mean over seeds, error bars: std over seeds),
-    FP32 as a dashed reference."""
+    FP32 as a dashed reference.
+
+    Args:
+        fp32: the FP32 model's metrics; its top1 (%) is the dashed line.
+        agg: ``aggregate`` of the cells: top1_mean, top1_std and seeds per (source, bits).
+        sources: one line each.
+        bits: uniform cells w<W>a<A>, plotted in order of weight then activation bits.
+        path: PNG file to write (atomically).
+    """
     plt = _plt()
     order = sorted(bits, key=lambda b: int(b[1:].split("a")[0]) * 10 + int(b.split("a")[1]))
     idx = agg.set_index(["source", "bits"])
@@ -276,7 +327,15 @@ def plot_accuracy_vs_bits(fp32: dict, agg: pd.DataFrame, sources: list[str], bit
 
 
 def plot_sample_grid(samples: dict[str, torch.Tensor], mean, std, path, per_row: int = 8) -> None:
-    """One row per source of calibration images, de-normalised to [0, 1] for display."""
+    """One row per source of calibration images, de-normalised to [0, 1] for display.
+
+    Args:
+        samples: source name -> normalised images (N, C, H, W); one row each, the first ``per_row`` shown.
+        mean: per-channel normalisation mean (a sequence of C floats), used to de-normalise.
+        std: per-channel normalisation std (a sequence of C floats).
+        path: PNG file to write (atomically).
+        per_row: images per row (columns of the grid).
+    """
     plt = _plt()
     rows = len(samples)
     fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 1.1, rows * 1.25 + 0.3), dpi=110, squeeze=False)

@@ -1,33 +1,32 @@
 """One typed schema for params.yaml (pydantic). Stages validate the whole file before any work.
 
-``validate(params)`` returns the parsed model or raises ``ParamsError`` whose message names every
-offending key and says what is allowed. ``check_paths`` and ``check_model`` add the checks that
+``validate(params)`` returns the parsed ``Params`` (stages read its attributes) or raises ``ParamsError``
+whose message names every offending key and says what is allowed. The schema composes the library's own
+config classes (TrainConfig, ZeroQConfig/DSGConfig, QuantSpec, ObserverConfig, ReconConfig, FinetuneConfig),
+each declared once next to its code with its constraints; what is declared here is only the pipeline's
+own shape: which sets, seeds and cells to run. ``check_paths`` and ``check_model`` add the checks that
 need the file system or the model. The library never reads params.yaml itself: callers pass the dict.
 """
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from dfq.fp32.datasets import FASHION_MNIST_TRAIN_IMAGES
-from dfq.generation.generators import INITS, PROBES, SOURCES
-from dfq.quant.observers import ACT_METHODS
-from dfq.cells import mixed_budget, parse_cell, parse_bits, parse_mixed
+from dfq.fp32.train import TrainConfig
+from dfq.generation.generators import SOURCES, SourceConfig, method_of, source_config
+from dfq.quant.finetune import FinetuneConfig
+from dfq.quant.observers import ObserverConfig
+from dfq.quant.prepare import QuantSpec
+from dfq.quant.reconstruction import ReconConfig
+from dfq.cells import cell_name, finetuned, is_mixed, mixed_budget, parse_bits, parse_cell, parse_mixed
 from dfq.fp32.models import ARCHS, build_model, check_classes, count_bn, input_spec, load_state_dict
 from dfq.io import load_torch
 
 PosInt = Field(gt=0)
-
-
-def one_of(value: str, allowed, what: str) -> str:
-    """``value`` when it is one of ``allowed``, else a ValueError naming ``what`` and the allowed values."""
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
-    return value
 
 
 class Strict(BaseModel):
@@ -73,53 +72,6 @@ class Model(Strict):
         return v
 
 
-class Train(Strict):
-    epochs: int = PosInt
-    batch_size: int = PosInt
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
-    seed: int = Field(ge=0)
-    max_images: Optional[int] = Field(default=None, gt=0)
-
-
-class Optim(Strict):
-    method: Optional[Literal["zeroq", "dsg"]] = None
-    iterations: int = PosInt
-    lr: float = Field(gt=0)
-    patience: int = Field(ge=0)
-    min_lr: float = Field(ge=0)
-    init: str = "gaussian"
-
-    @field_validator("init")
-    @classmethod
-    def known_init(cls, v: str) -> str:
-        return one_of(v, INITS, "init")
-
-
-class DSG(Optim):
-    sda: bool = True
-    eps: float = Field(ge=0, le=1)
-    per_channel: bool = False
-    margin_probe: str = "gaussian"
-    lse: bool = True
-    lse_weight: float = Field(ge=1)
-    lse_tied: Optional[int] = Field(default=None, gt=0)
-    label_weight: float = Field(default=0.0, ge=0)
-    tv_weight: float = Field(default=0.0, ge=0)
-    l2_weight: float = Field(default=0.0, ge=0)
-    jitter: int = Field(default=0, ge=0)
-    unbiased_std: bool = False
-
-    @field_validator("margin_probe")
-    @classmethod
-    def known_probe(cls, v: str) -> str:
-        return one_of(v, PROBES, "margin_probe")
-
-
-class Plain(Strict):
-    method: Optional[Literal["gaussian", "real"]] = None
-
-
 class Generate(BaseModel):
     model_config = ConfigDict(extra="allow")
     sources: list[str] = Field(min_length=1)
@@ -156,26 +108,22 @@ class Generate(BaseModel):
             method = group.get("method", name)
             if method not in SOURCES:
                 raise ValueError(f"generate.{name}.method: unknown method {method!r}; allowed: {', '.join(SOURCES)}")
-            schema = {"dsg": DSG, "zeroq": Optim}.get(method, Plain)
             try:
-                schema.model_validate(group)
+                source_config(name, group)
             except ValidationError as exc:
                 raise ValueError(_format(exc, prefix=f"generate.{name}.")) from None
         return self
 
+    def config(self, source: str) -> SourceConfig:
+        """The typed config of a source's params group (ZeroQConfig, DSGConfig or PlainConfig)."""
+        return source_config(source, self.group(source))
 
-class Reconstruction(Strict):
-    iterations: int = PosInt
-    act_iterations: int = PosInt
-    batch_size: int = PosInt
-    lr: float = Field(gt=0)
-    act_lr: float = Field(gt=0)
-    reg_weight: float = Field(ge=0)
-    beta_start: float = Field(gt=0)
-    beta_end: float = Field(gt=0)
-    warmup: float = Field(ge=0, lt=1)
-    drop_prob: float = Field(ge=0, le=1)
-    seed: int = Field(ge=0)
+    def group(self, source: str) -> dict:
+        """A source's params group as written (recorded beside its set, logged to MLflow)."""
+        return (self.model_extra or {})[source]
+
+    def method(self, source: str) -> str:
+        return method_of(source, self.group(source))
 
 
 class Mixed(Strict):
@@ -212,36 +160,45 @@ class Mixed(Strict):
         return self
 
 
+# params.yaml keeps the quantize group flat; these keys belong to the library's QuantSpec and ObserverConfig
+NESTED = {"spec": ("protocol", "weight_scheme", "weight_range", "bias"),
+          "observer": ("act_method", "percentile", "ema_momentum")}
+
+
 class Quantize(Strict):
     bits: list[str] = Field(min_length=1)
     mixed: Mixed
-    protocol: Literal["zeroq", "brecq"] = "zeroq"
-    weight_scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
-    weight_range: Literal["minmax", "mse"] = "minmax"
-    bias: Literal["int32", "float"] = "float"
+    spec: QuantSpec = QuantSpec()
+    observer: ObserverConfig = ObserverConfig()
     rounding: Literal["nearest", "adaround", "brecq", "qdrop"] = "nearest"
-    reconstruction: Reconstruction
-    act_method: str
-    percentile: float = Field(gt=50, le=100)
-    ema_momentum: float = Field(ge=0, lt=1)
+    reconstruction: ReconConfig = ReconConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def nest(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        v = dict(v)
+        for group, keys in NESTED.items():
+            v[group] = {k: v.pop(k) for k in keys if k in v}
+        return v
+
+    @property
+    def cells(self) -> list[str]:
+        """Every calibrated cell's bits: the uniform ones, then the mixed ones."""
+        return self.bits + self.mixed.cells
 
     @field_validator("bits")
     @classmethod
     def valid_bits(cls, v: list[str]) -> list[str]:
         for b in v:
-            if str(b).startswith("mp"):
+            if is_mixed(b):
                 raise ValueError(f"{b!r} is a mixed-precision cell: list it in quantize.mixed.cells")
             parse_bits(b)
         if len(set(v)) != len(v):
             raise ValueError("bit-widths repeat")
         return v
 
-    @field_validator("act_method")
-    @classmethod
-    def known_method(cls, v: str) -> str:
-        if v not in ACT_METHODS:
-            raise ValueError(f"unknown act_method {v!r}; allowed: {', '.join(ACT_METHODS)}")
-        return v
 
 
 class Evaluate(Strict):
@@ -264,24 +221,12 @@ class Export(Strict):
         return v
 
 
-class FinetuneTrain(Strict):
-    epochs: int = PosInt
-    batch_size: int = PosInt
-    lr: float = Field(gt=0)
-    act_lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    crop_padding: int = Field(ge=0)
-    flip: bool = True
-    seed: int = Field(ge=0)
-
-
 class Finetune(Strict):
     """Data-free fine-tuning of the cells finetune.sources x generate.seeds x finetune.bits (dfq.quant.finetune)."""
     sources: list[str] = []
     bits: list[str] = []
     num_images: int = PosInt
-    train: FinetuneTrain
+    train: FinetuneConfig = FinetuneConfig()
 
     @field_validator("sources", "bits")
     @classmethod
@@ -295,13 +240,19 @@ class Finetune(Strict):
 class Params(Strict):
     data: Data
     model: Model
-    train: Train
+    train: TrainConfig = TrainConfig()
     generate: Generate
     quantize: Quantize
     evaluate: Evaluate
     track: Track
     export: Export = Export()
     finetune: Finetune
+    _raw: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def raw(self) -> dict:
+        """params.yaml as written: what stages record (beside a set, in MLflow), never what they compute with."""
+        return self._raw
 
     @model_validator(mode="after")
     def finetune_cells_are_calibrated(self):
@@ -311,31 +262,33 @@ class Params(Strict):
         bad = [s for s in f.sources if s not in self.generate.sources]
         if bad:
             raise ValueError(f"finetune.sources: {', '.join(map(repr, bad))} not in generate.sources")
-        bad = [b for b in f.bits if b not in self.quantize.bits + self.quantize.mixed.cells]
+        bad = [b for b in f.bits if b not in self.quantize.cells]
         if not f.bits or bad:
             raise ValueError(f"finetune.bits: {', '.join(map(repr, bad)) or '[]'}: list calibrated cells (from "
                              "quantize.bits or quantize.mixed.cells) to fine-tune, or use finetune.sources: []")
         if f.num_images < self.data.num_images:
             raise ValueError(f"finetune.num_images={f.num_images} is below data.num_images={self.data.num_images}: "
                              "fine-tuning uses the calibration set and more")
-        if f.num_images > self.data.real_pool and any(
-                (self.generate.model_extra or {})[s].get("method", s) == "real" for s in f.sources):
+        if f.num_images > self.data.real_pool and any(self.generate.method(s) == "real" for s in f.sources):
             raise ValueError(f"finetune.num_images={f.num_images} is larger than data.real_pool={self.data.real_pool}: "
                              "raise data.real_pool for a real source")
         return self
 
     @model_validator(mode="after")
     def export_cells_are_calibrated(self):
-        cells = {f"{s}-s{k}-{b}" for s in self.generate.sources for k in self.generate.seeds
-                 for b in self.quantize.bits + self.quantize.mixed.cells}
-        cells |= {f"{s}-s{k}-{b}-ft" for s in self.finetune.sources for k in self.generate.seeds
-                  for b in self.finetune.bits}  # fine-tuned cells
-        missing = [c for c in self.export.cells if c not in cells]
+        missing = [c for c in self.export.cells if c not in self.cells()]
         if missing:
             raise ValueError(f"export.cells: {', '.join(map(repr, missing))} not calibrated by this pipeline "
                              "(cells are <source>-s<seed>-<bits> from generate.sources x generate.seeds x "
                              "quantize.bits or quantize.mixed.cells); list calibrated cells or use export.cells: []")
         return self
+
+
+    def cells(self) -> list[str]:
+        """Every cell the pipeline calibrates (sources x seeds x uniform and mixed bits), then the fine-tuned ones."""
+        g, f = self.generate, self.finetune
+        tuned = [cell_name(s, finetuned(b), k) for s in f.sources for k in g.seeds for b in f.bits]
+        return [cell_name(s, b, k) for s in g.sources for k in g.seeds for b in self.quantize.cells] + tuned
 
 
 class ParamsError(ValueError):
@@ -345,8 +298,11 @@ class ParamsError(ValueError):
 def _format(exc: ValidationError, prefix: str = "") -> str:
     msgs = []
     for e in exc.errors():
-        loc = prefix + ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        loc = prefix + ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")
+                                and not (len(e["loc"]) > 2 and e["loc"][0] == "quantize" and p in NESTED))
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "unexpected_keyword_argument":  # a config dataclass's word for an extra key
+            msg = "Extra inputs are not permitted"
         got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
         if not loc or msg.startswith(loc + "."):  # a cross-group or nested group's message names its key
             msgs.append(msg)
@@ -360,7 +316,9 @@ def validate(params: dict, source: str = "params.yaml") -> Params:
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping of parameter groups")
     try:
-        return Params.model_validate(params)
+        parsed = Params.model_validate(params)
+        parsed._raw = params
+        return parsed
     except ValidationError as exc:
         raise ParamsError(f"{source}: {_format(exc)}") from None
     except ValueError as exc:  # parse_bits inside a validator
@@ -428,8 +386,7 @@ def check_model(p: Params, roots: list[Path] | None = None) -> None:
             check_classes(model, spec, classes, where)
     except (ValueError, RuntimeError) as exc:
         raise ParamsError(f"params.yaml: {exc}") from None
-    bn_sources = [s for s in p.generate.sources
-                  if (p.generate.model_extra or {})[s].get("method", s) in ("zeroq", "dsg")]
+    bn_sources = [s for s in p.generate.sources if p.generate.method(s) in ("zeroq", "dsg")]
     if bn_sources and count_bn(model) == 0:
         raise ParamsError(f"params.yaml: model.arch={p.model.arch!r} has no BatchNorm layers, but generate.sources "
                           f"asks for BN-statistic sources {bn_sources}: use gaussian or real only")

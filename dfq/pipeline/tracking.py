@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dfq.cells import is_mixed
 from dfq.pipeline.report import allocation_markdown
 
 HASH_TAG = "dfq.input_hash"
@@ -97,15 +98,7 @@ def cell_quantize_params(quantize: dict, bits: str) -> dict:
     """The quantize params that made a cell: all but the cell list; the mixed group (its candidate
     bit-widths) only for a mixed-precision cell, so adding a mixed cell never relogs the uniform ones."""
     out = {k: v for k, v in quantize.items() if k not in ("bits", "mixed")}
-    return {**out, "mixed": {"candidates": quantize["mixed"]["candidates"]}} if bits.startswith("mp") else out
-
-
-def calibrate_stage(source: str, seed: int, bits: str) -> str:
-    """The DVC stage that makes a cell's model: calibrate@<source>-<seed>-<bits>, calibrate_mixed@... for mp
-    cells, finetune@<source>-<seed>-<bits> for a fine-tuned cell <bits>-ft."""
-    if bits.endswith("-ft"):
-        return f"finetune@{source}-{seed}-{bits.removesuffix('-ft')}"
-    return f"calibrate{'_mixed' * bits.startswith('mp')}@{source}-{seed}-{bits}"
+    return {**out, "mixed": {"candidates": quantize["mixed"]["candidates"]}} if is_mixed(bits) else out
 
 
 def lock_md5(lock: dict, stage: str, path: str) -> str:
@@ -120,7 +113,7 @@ def mixed_run_extras(cell: str, calib_dir="metrics/calibrate", heatmap_dir="repo
     """What a mixed-precision cell (<source>-s<seed>-mp<B>a<A>) adds to its run: metrics of its allocation,
     the allocation table as a markdown artifact (allocation/<cell>.md) and the sensitivity heat map of its
     calibration set; nothing for a uniform cell."""
-    if not cell.rsplit("-", 1)[-1].startswith("mp"):
+    if not is_mixed(cell.rsplit("-", 1)[-1]):
         return {}, [], {}
     alloc = json.loads((Path(calib_dir) / f"{cell}.json").read_text())["allocation"]
     metrics = {"avg_weight_bits_allocatable": alloc["avg_bits"], "allocation_kl_sum": alloc["kl_sum"]}
@@ -181,7 +174,16 @@ def compare(uri: str, experiment: str, metric: str = "top1", by=("source", "bits
     """A table of ``metric`` across DVC experiments from MLflow: rows ``by`` (run tags), one column per
     value of the ``across`` tag, each cell the mean, std and count over the seeds' runs (aggregate runs
     left out; of runs logged twice for the same cell, the latest). Returns a pandas DataFrame with
-    columns (stat, <across value>)."""
+    columns (stat, <across value>).
+
+    Args:
+        uri: MLflow tracking URI.
+        experiment: MLflow experiment name; a missing one raises TrackingError.
+        metric: the metric tabulated (the runs' ``metrics.<metric>``).
+        by: run tags that make the rows (the index).
+        across: the run tag whose values make the columns (default: the DVC experiment name).
+        filter_string: MLflow search filter on the runs ("": every run).
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 

@@ -28,7 +28,15 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[t
 
 
 def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int, axis: int | None = None) -> torch.Tensor:
-    """Quantize-dequantize ``x`` per tensor (axis None) or per channel along ``axis``."""
+    """Quantize-dequantize ``x`` per tensor (axis None) or per channel along ``axis``.
+
+    Args:
+        x: the tensor to quantize-dequantize.
+        scale: step size: a float (or 0-d tensor) per tensor, a 1-D tensor of x.shape[axis] entries per channel.
+        zero_point: integer zero point(s) in [0, 2^bits - 1], shaped as ``scale``.
+        bits: bit-width; the integer grid is 0 .. 2^bits - 1.
+        axis: the channel axis for per-channel quantization; None: per tensor.
+    """
     qmax = 2**bits - 1
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), 0, qmax)

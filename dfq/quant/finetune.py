@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,21 +33,19 @@ from dfq.io import load_torch, save_torch
 SCHEDULES = ("cosine", "constant")
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
 class FinetuneConfig:
-    epochs: int = 20             # epochs and lr: chosen on the validation split (ResNet-20 W4A4, README)
-    batch_size: int = 32
-    lr: float = 3e-4             # SGD (momentum 0.9, Nesterov) on weights, biases and BN affine parameters
-    act_lr: float = 4e-5         # Adam on the activation step sizes (LSQ)
-    weight_decay: float = 0.0
-    schedule: str = "cosine"     # cosine: both learning rates decay to 0 over all steps | constant
-    crop_padding: int = 4        # random crop after zero-padding each side by this many pixels (0: no crop)
-    flip: bool = True            # random horizontal flip
-    seed: int = 0
+    """Data-free fine-tuning (finetune.train): distil the FP32 model into a calibrated cell."""
 
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"finetune.schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+    epochs: int = Field(20, gt=0)  # epochs and lr: chosen on the validation split (ResNet-20 W4A4, README)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(3e-4, gt=0)  # SGD (momentum 0.9, Nesterov) on weights, biases and BN affine parameters
+    act_lr: float = Field(4e-5, gt=0)  # Adam on the activation step sizes (LSQ)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine: both learning rates decay to 0 over all steps
+    crop_padding: int = Field(4, ge=0)  # random crop after zero-padding each side by this many pixels (0: none)
+    flip: bool = True  # random horizontal flip
+    seed: int = Field(0, ge=0)
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -99,76 +99,62 @@ def _schedule(cfg: FinetuneConfig, total_steps: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
-def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: FinetuneConfig, device="cpu",
-             checkpoint: str | Path | None = None, on_epoch: Callable[[int, float], None] | None = None,
-             progress: bool = True, int32_biases: bool = False) -> dict:
-    """Fine-tune the calibrated fake-quant ``student`` in place towards ``teacher`` on ``images``.
-
-    ``checkpoint``: file of the training state, written after every epoch and resumed from when it exists.
-    ``on_epoch(epoch, mean_loss)`` runs after each epoch's checkpoint. ``int32_biases``: an int32-bias cell,
-    whose biases go back on the int32 grid (``dfq.quant.prepare.round_biases``) after training. Returns a summary:
-    KL before and after (no augmentation; after: of the model as stored, biases re-rounded), loss per epoch,
-    steps, seconds, the epoch it resumed from and the number of layers whose biases were re-rounded."""
-    from tqdm import tqdm
-
-    student.eval().to(device)
-    teacher.eval().to(device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if len(images) == 0:
-        raise ValueError("no images to fine-tune on")
-    kl_start = mean_kl(student, teacher, images, cfg.batch_size, device)
+def _optimizers(student: nn.Module, cfg: FinetuneConfig, per_epoch: int):
+    """SGD on the weights (Nesterov momentum), Adam on the activation step sizes, both on the same schedule."""
     weights, steps = _trainable(student)
     opt_w = torch.optim.SGD(weights, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     opt_a = torch.optim.Adam(steps, lr=cfg.act_lr) if steps else None
-    per_epoch = math.ceil(len(images) / cfg.batch_size)
     lam = _schedule(cfg, cfg.epochs * per_epoch)
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lam) for o in (opt_w, opt_a) if o is not None]
-    history, start_epoch, seconds = [], 0, 0.0
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = load_torch(checkpoint)
-        student.load_state_dict(state["model"])
-        opt_w.load_state_dict(state["opt_w"])
+    return opt_w, opt_a, [torch.optim.lr_scheduler.LambdaLR(o, lam) for o in (opt_w, opt_a) if o is not None]
+
+
+def _resume(checkpoint, student: nn.Module, opt_w, opt_a, scheds) -> tuple[list[float], int, float]:
+    """(loss history, first epoch to run, seconds so far) from the training state file, when it exists."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return [], 0, 0.0
+    state = load_torch(checkpoint)
+    student.load_state_dict(state["model"])
+    opt_w.load_state_dict(state["opt_w"])
+    if opt_a is not None:
+        opt_a.load_state_dict(state["opt_a"])
+    for s, sd in zip(scheds, state["scheds"]):
+        s.load_state_dict(sd)
+    return state["history"], state["epoch"], state["seconds"]
+
+
+def _epoch(student, teacher, images, cfg: FinetuneConfig, epoch: int, optimizers, device, progress: bool) -> float:
+    """One epoch of distillation on augmented images in a seeded order; the mean KL over the epoch's images."""
+    from tqdm import tqdm
+
+    opt_w, opt_a, scheds = optimizers
+    per_epoch = math.ceil(len(images) / cfg.batch_size)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(images), generator=gen)
+    total = 0.0
+    bar = tqdm(range(per_epoch), desc=f"fine-tune epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+    for b in bar:
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        x = augment(images[idx], cfg.crop_padding, cfg.flip, gen).to(device)
+        with torch.no_grad():
+            target = teacher(x)
+        loss = kl_divergence(student(x), target)
+        opt_w.zero_grad(set_to_none=True)
         if opt_a is not None:
-            opt_a.load_state_dict(state["opt_a"])
-        for s, sd in zip(scheds, state["scheds"]):
-            s.load_state_dict(sd)
-        history, start_epoch, seconds = state["history"], state["epoch"], state["seconds"]
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(images), generator=gen)
-        total = 0.0
-        bar = tqdm(range(per_epoch), desc=f"fine-tune epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False)
-        for b in bar:
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x = augment(images[idx], cfg.crop_padding, cfg.flip, gen).to(device)
-            with torch.no_grad():
-                target = teacher(x)
-            loss = kl_divergence(student(x), target)
-            opt_w.zero_grad(set_to_none=True)
-            if opt_a is not None:
-                opt_a.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_w.step()
-            if opt_a is not None:
-                opt_a.step()
-            for s in scheds:
-                s.step()
-            total += loss.item() * len(idx)
-            bar.set_postfix(kl=f"{loss.item():.4f}")
-        history.append(total / len(images))
-        seconds += time.perf_counter() - t0
-        if progress:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: KL {history[-1]:.4f} ({seconds:.0f} s so far)", flush=True)
-        if checkpoint is not None:
-            save_torch({"epoch": epoch + 1, "model": student.state_dict(), "opt_w": opt_w.state_dict(),
-                        "opt_a": opt_a.state_dict() if opt_a is not None else None,
-                        "scheds": [s.state_dict() for s in scheds], "history": history, "seconds": seconds,
-                        "config": asdict(cfg)}, checkpoint)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, history[-1])
+            opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_w.step()
+        if opt_a is not None:
+            opt_a.step()
+        for s in scheds:
+            s.step()
+        total += loss.item() * len(idx)
+        bar.set_postfix(kl=f"{loss.item():.4f}")
+    return total / len(images)
+
+
+def _store(student: nn.Module, int32_biases: bool) -> int:
+    """Fix the learnt activation scales, put every weight on its grid as it is stored, freeze the model, and (an
+    int32-bias cell) put the biases back on the int32 grid; the number of layers whose biases were re-rounded."""
     for fq in act_quantizers(student):
         fq.fix_scale()
     with torch.no_grad():  # the weights the model computes with, stored as they are: on the grid
@@ -177,7 +163,54 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: 
                 m.weight.copy_(m.quantized_weight())
     for p in student.parameters():
         p.requires_grad_(False)
-    biases = round_biases(student) if int32_biases else 0  # before kl_end: the KL of the model as stored
+    return round_biases(student) if int32_biases else 0
+
+
+def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: FinetuneConfig, device="cpu",
+             checkpoint: str | Path | None = None, on_epoch: Callable[[int, float], None] | None = None,
+             progress: bool = True, int32_biases: bool = False) -> dict:
+    """Fine-tune the calibrated fake-quant ``student`` in place towards ``teacher`` on ``images``.
+
+    Returns a summary: KL before and after (no augmentation; after: of the model as stored, biases re-rounded),
+    loss per epoch, steps, seconds, the epoch it resumed from and the number of layers whose biases were re-rounded.
+
+    Args:
+        student: the calibrated fake-quant model (``dfq.quant.prepare.load_quantized``), trained in place.
+        teacher: the FP32 model whose logits are the targets (frozen here).
+        images: the fine-tuning images (N, C, H, W) in the model's normalised input space.
+        cfg: epochs, batch size, learning rates, schedule, augmentation and seed.
+        device: where both models run.
+        checkpoint: file of the training state, written after every epoch and resumed from when it exists.
+        on_epoch: ``on_epoch(epoch, mean_loss)`` runs after each epoch's checkpoint.
+        progress: show a progress bar and print each epoch's KL.
+        int32_biases: an int32-bias cell, whose biases go back on the int32 grid
+            (``dfq.quant.prepare.round_biases``) after training.
+    """
+    student.eval().to(device)
+    teacher.eval().to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if len(images) == 0:
+        raise ValueError("no images to fine-tune on")
+    kl_start = mean_kl(student, teacher, images, cfg.batch_size, device)
+    per_epoch = math.ceil(len(images) / cfg.batch_size)
+    optimizers = _optimizers(student, cfg, per_epoch)
+    history, start_epoch, seconds = _resume(checkpoint, student, *optimizers)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        history.append(_epoch(student, teacher, images, cfg, epoch, optimizers, device, progress))
+        seconds += time.perf_counter() - t0
+        if progress:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: KL {history[-1]:.4f} ({seconds:.0f} s so far)", flush=True)
+        if checkpoint is not None:
+            opt_w, opt_a, scheds = optimizers
+            save_torch({"epoch": epoch + 1, "model": student.state_dict(), "opt_w": opt_w.state_dict(),
+                        "opt_a": opt_a.state_dict() if opt_a is not None else None,
+                        "scheds": [s.state_dict() for s in scheds], "history": history, "seconds": seconds,
+                        "config": asdict(cfg)}, checkpoint)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history[-1])
+    biases = _store(student, int32_biases)  # before kl_end: the KL of the model as stored
     return {"kl_start": kl_start, "kl_end": mean_kl(student, teacher, images, cfg.batch_size, device),
             "loss_per_epoch": history, "steps": cfg.epochs * per_epoch, "seconds": seconds,
             "resumed_from_epoch": start_epoch, "images": len(images), "int32_biases": biases}

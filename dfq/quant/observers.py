@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import torch
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
 from torch import nn
 
 from dfq.quant.fake_quant import fake_quantize, qparams_from_range
@@ -141,6 +143,26 @@ class MSEObserver(Observer):
             if best_err is None or err < best_err:
                 best, best_err = (lo, hi), err
         return best
+
+
+@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
+class ObserverConfig:
+    """The activation range rule of calibration and its two knobs."""
+
+    act_method: str = "minmax"  # minmax | ema | dsg (the DSG code's rule) | percentile | mse
+    percentile: float = Field(99.999, gt=50, le=100)
+    ema_momentum: float = Field(0.99, ge=0, lt=1)
+
+    @field_validator("act_method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in ACT_METHODS:
+            raise ValueError(f"unknown act_method {v!r}; allowed: {', '.join(ACT_METHODS)}")
+        return v
+
+    def make(self) -> "Observer":
+        """A fresh observer (one per activation quantizer)."""
+        return make_observer(self.act_method, percentile=self.percentile, ema_momentum=self.ema_momentum)
 
 
 def make_observer(method: str, *, percentile: float = 99.999, ema_momentum: float = 0.99) -> Observer:

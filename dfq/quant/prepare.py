@@ -22,11 +22,13 @@ can run on its own, which block reconstruction (reconstruction.py) needs. In eve
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
@@ -41,6 +43,29 @@ RELU_FUNCTIONS = {F.relu, F.relu6, F.relu_, torch.relu, torch.relu_}
 RELU_METHODS = {"relu", "relu_"}
 WEIGHT_TYPES = (nn.Conv2d, nn.Linear)
 QUANT_TYPES = (QuantConv2d, QuantLinear)
+
+
+@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
+class QuantSpec:
+    """How a model is quantized, apart from its bit-widths: the protocol (zeroq | brecq, see above), the
+    per-channel weight grid (asymmetric | symmetric signed integers with zero point 0) and its range rule
+    (minmax | mse), and whether biases are put on the int32 grid s_x * s_w an integer engine adds them on.
+    A checkpoint records these four; ``of_checkpoint`` holds the defaults of checkpoints older than a field."""
+
+    protocol: Literal["zeroq", "brecq"] = "zeroq"
+    weight_scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
+    weight_range: Literal["minmax", "mse"] = "minmax"
+    bias: Literal["int32", "float"] = "float"
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: dict) -> "QuantSpec":
+        """The spec a calibrated checkpoint was made with; fields it predates take the values of that time."""
+        return cls(**{k: ckpt[k] for k in ("protocol", "weight_scheme", "weight_range", "bias") if k in ckpt})
+
+    def record(self) -> dict:
+        """The fields as a checkpoint and a metrics file carry them."""
+        return {"protocol": self.protocol, "weight_scheme": self.weight_scheme, "weight_range": self.weight_range,
+                "bias": self.bias}
 
 
 class NothingQuantizedError(RuntimeError):
@@ -135,17 +160,9 @@ def _weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), WEIGHT_TYPES)]
 
 
-def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[], nn.Module],
-            protocol: str = "zeroq", weight_scheme: str = "asymmetric", weight_range: str = "minmax",
-            layer_bits: dict[str, int] | None = None) -> fx.GraphModule:
-    """A traced copy of ``model`` with fake-quant weights and observing activation quantizers.
-
-    ``layer_bits`` (mixed precision) gives some weight layers, by their name in the prepared model (see
-    ``layer_bits``), their own bit-width instead of ``wbits``; the layers the protocol fixes at 8 bits
-    (``gm.fixed_weight_layers``) cannot be given another."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"quantize.protocol={protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
-    model = copy.deepcopy(model).eval()
+def _units(model: nn.Module, protocol: str) -> tuple[fx.GraphModule, list[tuple[str, fx.GraphModule]]]:
+    """The top-level graph with every unit traced into its own graph: (top, [(prefix, graph), ...]); under the
+    brecq protocol BatchNorm is folded into the preceding conv in each."""
     blocks = find_blocks(model)
     gm = _trace(model, {id(model.get_submodule(b)) for b in blocks})
     graphs = [("", gm)]
@@ -156,7 +173,11 @@ def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[]
     if protocol == "brecq":
         for _, g in graphs:
             _fold_bn(g)
-    # first and last weight layer in execution order (units expanded in place)
+    return gm, graphs
+
+
+def _weight_order(gm: fx.GraphModule, blocks: list[str]) -> list[str]:
+    """The weight layers' names in execution order (the units ``blocks`` expanded in place)."""
     order: list[str] = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in blocks:
@@ -165,14 +186,11 @@ def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[]
             order.append(node.target)
     if not order:
         raise NothingQuantizedError("nothing to quantize: the model has no Conv2d/Linear layers")
-    edge = {order[0], order[-1]} if protocol == "brecq" else set()
-    layer_bits = dict(layer_bits or {})
-    unknown = sorted(set(layer_bits) - set(order))
-    if unknown:
-        raise ValueError(f"layer_bits names {unknown}, not weight layers of the model; they are: {order}")
-    fixed = sorted(n for n in edge if layer_bits.get(n, 8) != 8)
-    if fixed:
-        raise ValueError(f"layer_bits: {fixed} are fixed at 8 bits by the {protocol} protocol (first and last layer)")
+    return order
+
+
+def _insert_acts(graphs, protocol: str, abits: int, edge: set[str], make_observer) -> int:
+    """Insert the activation quantizers of the protocol into every graph; how many."""
     n_acts = 0
     for prefix, g in graphs:
         modules = dict(g.named_modules())
@@ -191,12 +209,41 @@ def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[]
                 n_acts += 1
         g.graph.lint()
         g.recompile()
+    return n_acts
+
+
+def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[], nn.Module],
+            spec: QuantSpec = QuantSpec(), layer_bits: dict[str, int] | None = None) -> fx.GraphModule:
+    """A traced copy of ``model`` with fake-quant weights and observing activation quantizers.
+
+    Args:
+        model: the FP32 model (copied, never changed).
+        wbits: weight bits of every weight layer not fixed by the protocol or named in ``layer_bits``.
+        abits: activation bits (the protocol's 8-bit edge layers' inputs excepted).
+        make_observer: a fresh calibration observer per activation quantizer (``ObserverConfig.make``).
+        spec: protocol, weight scheme and weight range (``bias`` is applied after calibration: ``round_biases``).
+        layer_bits: mixed precision: some weight layers, by their name in the prepared model (see ``layer_bits``),
+            get their own bit-width instead of ``wbits``; the layers the protocol fixes at 8 bits
+            (``gm.fixed_weight_layers``) cannot be given another.
+    """
+    protocol = spec.protocol
+    gm, graphs = _units(copy.deepcopy(model).eval(), protocol)
+    order = _weight_order(gm, [prefix for prefix, _ in graphs[1:]])
+    edge = {order[0], order[-1]} if protocol == "brecq" else set()
+    layer_bits = dict(layer_bits or {})
+    unknown = sorted(set(layer_bits) - set(order))
+    if unknown:
+        raise ValueError(f"layer_bits names {unknown}, not weight layers of the model; they are: {order}")
+    fixed = sorted(n for n in edge if layer_bits.get(n, 8) != 8)
+    if fixed:
+        raise ValueError(f"layer_bits: {fixed} are fixed at 8 bits by the {protocol} protocol (first and last layer)")
+    n_acts = _insert_acts(graphs, protocol, abits, edge, make_observer)
     n_weights = 0
     for name, mod in list(gm.named_modules()):
         if type(mod) in WEIGHT_TYPES:
             cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
-            _swap_module(gm, name, cls(mod, 8 if name in edge else layer_bits.get(name, wbits), weight_scheme,
-                                       weight_range))
+            _swap_module(gm, name, cls(mod, 8 if name in edge else layer_bits.get(name, wbits), spec.weight_scheme,
+                                       spec.weight_range))
             n_weights += 1
     if n_acts == 0:
         raise NothingQuantizedError(
@@ -343,8 +390,7 @@ def load_quantized(model: nn.Module, ckpt: dict) -> nn.Module:
         wbits, abits, per_layer = 8, parse_mixed(ckpt["bits"])[1], ckpt["layer_bits"]
     else:
         (wbits, abits), per_layer = parse_bits(ckpt["bits"]), None
-    gm = prepare(model, wbits, abits, MinMaxObserver, ckpt.get("protocol", "zeroq"),
-                 ckpt.get("weight_scheme", "asymmetric"), ckpt.get("weight_range", "minmax"), per_layer)
+    gm = prepare(model, wbits, abits, MinMaxObserver, QuantSpec.of_checkpoint(ckpt), per_layer)
     if per_layer is not None and set(per_layer) != set(layer_bits(gm)):
         raise ValueError(f"the mixed-precision checkpoint names the weight layers {sorted(per_layer)}, "
                          f"the model has {sorted(layer_bits(gm))}")

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 from torch import fx, nn
 from tqdm import tqdm
 
@@ -33,19 +34,21 @@ from dfq.quant.fake_quant import AdaRoundWeight
 ROUNDINGS = ("nearest", "adaround", "brecq", "qdrop")
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
 class ReconConfig:
-    iterations: int = 2000        # rounding optimisation steps per unit (papers: 10k-20k)
-    act_iterations: int = 2000    # brecq: LSQ step-size steps per unit
-    batch_size: int = 32
-    lr: float = 1e-3              # Adam on the rounding variables V
-    act_lr: float = 4e-5          # Adam on the activation step sizes
-    reg_weight: float = 0.01      # lambda
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2           # fraction of iterations without the regulariser
-    drop_prob: float = 0.5        # qdrop only
-    seed: int = 0
+    """AdaRound / BRECQ / QDrop reconstruction (quantize.reconstruction; read when rounding is not nearest)."""
+
+    iterations: int = Field(2000, gt=0)  # rounding optimisation steps per unit (papers: 10k-20k)
+    act_iterations: int = Field(2000, gt=0)  # brecq: LSQ step-size steps per unit
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)  # Adam on the rounding variables V
+    act_lr: float = Field(4e-5, gt=0)  # Adam on the activation step sizes
+    reg_weight: float = Field(0.01, ge=0)  # lambda
+    beta_start: float = Field(20.0, gt=0)
+    beta_end: float = Field(2.0, gt=0)
+    warmup: float = Field(0.2, ge=0, lt=1)  # fraction of iterations without the regulariser
+    drop_prob: float = Field(0.5, ge=0, le=1)  # qdrop: probability of keeping an activation at full precision
+    seed: int = Field(0, ge=0)
 
 
 class _Stop(Exception):
@@ -54,7 +57,15 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture(gm: nn.Module, name: str, data: torch.Tensor, output: bool, batch: int = 128) -> torch.Tensor:
-    """The input (or output) of submodule ``name`` for every calibration image, in the current quant state."""
+    """The input (or output) of submodule ``name`` for every calibration image, in the current quant state.
+
+    Args:
+        gm: the model run on ``data`` (in its current quant state).
+        name: qualified name of the submodule (``gm.get_submodule(name)``).
+        data: calibration images (N, C, H, W), on the model's device.
+        output: True: the submodule's output; False: its (first) input.
+        batch: images per forward pass; the tensors of every batch are concatenated.
+    """
     mod, got = gm.get_submodule(name), []
 
     def keep(t):
@@ -117,7 +128,20 @@ def beta_at(t: int, cfg: ReconConfig) -> float | None:
 def optimize_unit(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ReconConfig, learn_weights: bool,
                   learn_acts: bool, drop_prob: float = 0.0, desc: str = "") -> dict:
     """Reconstruct one unit from cached (x, y); the rounding is fixed to {0, 1} and written into the
-    layers' weights at the end (every weight then sits on its quantization grid)."""
+    layers' weights at the end (every weight then sits on its quantization grid).
+
+    Args:
+        unit: the submodule reconstructed (one layer or one block of the prepared model), changed in place.
+        x: the unit's cached inputs as the quantized model produces them, (N, ...).
+        y: the cached targets: the FP32 copy's unit outputs, (N, ...).
+        cfg: iterations, act_iterations, batch_size, lr, act_lr, reg_weight, beta schedule, warmup and seed.
+        learn_weights: learn the AdaRound rounding of the unit's weight layers (cfg.iterations steps); False: activation
+            step sizes only (cfg.act_iterations steps).
+        learn_acts: learn the activation quantizers' step sizes LSQ-style (lr cfg.act_lr); fixed at the end.
+        drop_prob: QDrop: probability each activation element skips quantization while optimising (0: never); reset to 0
+            at the end.
+        desc: progress-bar label.
+    """
     layers = [m for m in unit.modules() if isinstance(m, QUANT_TYPES)] if learn_weights else []
     fqs = act_quantizers(unit)
     before = unit_error(unit, x, y)
@@ -157,7 +181,16 @@ def optimize_unit(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ReconC
 
 def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconConfig, device="cpu") -> dict:
     """Reconstruct a prepared model on calibration images ``data`` (N, C, H, W); activation ranges end
-    calibrated. Returns per-unit errors (before = nearest rounding) and wall times."""
+    calibrated. Returns per-unit errors (before = nearest rounding) and wall times.
+
+    Args:
+        gm: the prepared fake-quant model, changed in place (moved to ``device``, weights rounded, activations
+            calibrated).
+        data: calibration images (N, C, H, W).
+        method: adaround | brecq | qdrop (anything else, nearest included, raises ValueError).
+        cfg: the reconstruction settings (ReconConfig).
+        device: where the model, the data and the cached tensors live.
+    """
     if method not in ROUNDINGS[1:]:
         raise ValueError(f"quantize.rounding={method!r} is unknown; allowed: {', '.join(ROUNDINGS)}")
     gm.eval().to(device)

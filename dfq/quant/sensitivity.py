@@ -28,20 +28,29 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dfq.quant.prepare import QUANT_TYPES, prepare, set_quant_state
+from dfq.quant.prepare import QUANT_TYPES, QuantSpec, prepare, set_quant_state
 from dfq.quant.observers import MinMaxObserver
 from dfq.cells import mixed_budget
 from dfq.io import atomic_path
 
 
 @torch.no_grad()
-def measure(model: nn.Module, batches: Sequence[torch.Tensor], candidates: Sequence[int], protocol: str = "zeroq",
-            weight_scheme: str = "asymmetric", weight_range: str = "minmax", device="cpu",
-            desc: str = "sensitivity") -> dict:
+def measure(model: nn.Module, batches: Sequence[torch.Tensor], candidates: Sequence[int],
+            spec: QuantSpec = QuantSpec(), device="cpu", desc: str = "sensitivity") -> dict:
     """Per weight layer (in module order): its name in the prepared model, weight count, fixed bits
-    (8 for a layer the protocol fixes, else None) and mean KL per candidate bit-width (None if fixed)."""
+    (8 for a layer the protocol fixes, else None) and mean KL per candidate bit-width (None if fixed).
+
+    Args:
+        model: the FP32 model (prepared here with 8-bit quantizers; only one layer's weights quantized at a time,
+            activations never).
+        batches: calibration image batches, each (N, C, H, W); at least one image in all.
+        candidates: weight bit-widths tried at every layer the protocol does not fix.
+        spec: protocol, weight scheme, weight range and bias rule the model is prepared with.
+        device: where the model and batches run.
+        desc: progress-bar label.
+    """
     candidates = [int(b) for b in candidates]
-    gm = prepare(model, 8, 8, MinMaxObserver, protocol, weight_scheme, weight_range).eval().to(device)
+    gm = prepare(model, 8, 8, MinMaxObserver, spec).eval().to(device)
     set_quant_state(gm, weights=False, acts=False)  # FP32 (BN folded under brecq: equal to 1e-5)
     batches = [x.to(device) for x in batches]
     n = sum(len(x) for x in batches)
@@ -63,8 +72,8 @@ def measure(model: nn.Module, batches: Sequence[torch.Tensor], candidates: Seque
                 m.weight_quant = False
                 row["kl"].append(max(total, 0.0) / n)  # KL >= 0; clamp float rounding of an exact grid
         rows.append(row)
-    return {"candidates": candidates, "images": n, "protocol": protocol, "weight_scheme": weight_scheme,
-            "weight_range": weight_range, "layers": rows}
+    return {"candidates": candidates, "images": n, "protocol": spec.protocol, "weight_scheme": spec.weight_scheme,
+            "weight_range": spec.weight_range, "layers": rows}
 
 
 @dataclass
@@ -139,7 +148,7 @@ def frontier_of(sens: dict) -> Frontier:
     return pareto_frontier([r["kl"] for r in rows], [r["params"] for r in rows], sens["candidates"])
 
 
-def load_measurement(path, protocol: str, weight_scheme: str, weight_range: str) -> dict:
+def load_measurement(path, spec: QuantSpec) -> dict:
     """A ``measure`` result saved as JSON, checked to be measured under the given quantizer settings."""
     import json
     from pathlib import Path
@@ -148,7 +157,7 @@ def load_measurement(path, protocol: str, weight_scheme: str, weight_range: str)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (run the sensitivity stage of this calibration set first)")
     sens = json.loads(path.read_text())
-    want = {"protocol": protocol, "weight_scheme": weight_scheme, "weight_range": weight_range}
+    want = {k: v for k, v in spec.record().items() if k != "bias"}  # biases do not change a weight's KL
     other = {k: sens.get(k) for k, v in want.items() if sens.get(k) != v}
     if other:
         raise ValueError(f"{path} was measured with {other}, not {want}: rerun the sensitivity stage")

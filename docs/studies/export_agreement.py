@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dfq.fp32.datasets import InputSpec, open_eval_dataset  # noqa: E402
 from dfq.fp32.evaluate import make_loader  # noqa: E402
-from dfq.deploy.export import integer_report, optimized_ops, run, session, to_onnx  # noqa: E402
+from dfq.deploy.qdq import to_onnx  # noqa: E402
+from dfq.deploy.runtime import integer_report, optimized_ops, run, session  # noqa: E402
 from dfq.io import load_torch  # noqa: E402
 from dfq.fp32.models import load_checkpoint  # noqa: E402
 from dfq.quant.observers import make_observer  # noqa: E402

@@ -32,7 +32,7 @@ from dfq.fp32.evaluate import evaluate, make_loader  # noqa: E402
 from dfq.io import load_torch  # noqa: E402
 from dfq.fp32.models import load_checkpoint  # noqa: E402
 from dfq.quant.observers import make_observer  # noqa: E402
-from dfq.quant.prepare import calibrate, prepare  # noqa: E402
+from dfq.quant.prepare import calibrate, QuantSpec, prepare  # noqa: E402
 
 METHODS = ("minmax", "dsg", "percentile", "mse")
 # the two protocols as the studies pin them: zeroq as the DSG study (min-max weights), brecq as the
@@ -123,7 +123,7 @@ def finetune_study(run: Path, out: Path, loaders, seeds, lrs, epochs, calib_imag
         images = torch.cat([real_subset(pool, calib_images, seed),
                             real_subset(pool, ft_images - calib_images, seed, skip=calib_images)])
         model, _ = load_checkpoint(run / "models/fp32.pt")
-        gm = prepare(model, 4, 4, lambda: make_observer("mse"), "brecq", "asymmetric", "mse")
+        gm = prepare(model, 4, 4, lambda: make_observer("mse"), QuantSpec("brecq", "asymmetric", "mse"))
         calibrate(gm, [images[:calib_images]])
         state = {k: v.clone() for k, v in gm.state_dict().items()}
         key = ("finetune", f"real-s{seed}", "brecq", "mse", "0", "0")
