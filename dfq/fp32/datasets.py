@@ -124,6 +124,14 @@ def split_indices(n: int, pool: int, val: int, seed: int, pool_param: str = "dat
     indices (what the data stage always drew, so the pool does not depend on ``val``), the validation
     split the next ``val``. Disjoint by construction, so no real calibration or fine-tuning draw (they
     come from the pool) ever sees a validation image. Too few images: a ValueError naming the param.
+
+    Args:
+        n: number of training images; indices are drawn from 0 .. n - 1.
+        pool: size of the real calibration pool: the first ``pool`` indices of the permutation (at most ``n``).
+        val: size of the validation split: the next ``val`` indices (0: an empty split); pool + val <= n.
+        seed: seed of the one permutation (``torch.Generator().manual_seed(seed)``).
+        pool_param: the params key the too-few-images error names for ``pool``.
+        val_param: the params key the too-few-images error names for ``val``.
     """
     if pool > n:
         raise ValueError(f"{pool_param}={pool} exceeds the {n} training images")

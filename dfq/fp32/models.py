@@ -242,7 +242,15 @@ def load_state_dict(model: nn.Module, state: dict, source: str, classes_from: st
 
 
 def save_checkpoint(model: nn.Module, arch: str, num_classes: int, input_spec: dict, path) -> None:
-    """An FP32 checkpoint that rebuilds itself: arch, class count, input spec and the state dict."""
+    """An FP32 checkpoint that rebuilds itself: arch, class count, input spec and the state dict.
+
+    Args:
+        model: the FP32 model; its state dict is saved detached, on the CPU and contiguous.
+        arch: architecture name that ``build_model`` rebuilds the model from on load.
+        num_classes: number of output classes (``build_model``'s class count).
+        input_spec: the model's input spec as a dict (``InputSpec.to_dict()``: shape, mean, std, resize when set).
+        path: file to write (str or path-like); written atomically and byte-for-byte reproducibly (``save_torch``).
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_torch({"arch": arch, "num_classes": num_classes, "input_spec": input_spec, "state_dict": state}, path)
 
