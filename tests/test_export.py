@@ -1,19 +1,23 @@
 """ONNX QDQ export of calibrated fake-quant models, run by ONNX Runtime (one intra-op thread)."""
+
 import onnx
 import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
 
-from dfq.deploy.export import activation_map, integer_report, optimized_ops, quant_map, run, session, to_onnx, weight_integers
+from dfq.deploy.qdq import to_onnx
+from dfq.deploy.quant_map import activation_map, quant_map
+from dfq.deploy.runtime import integer_report, optimized_ops, run, session
+from dfq.quant.fake_quant import weight_integers
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import act_quantizers, calibrate, prepare, weight_quantized_layers
+from dfq.quant.prepare import QuantSpec, act_quantizers, calibrate, prepare, weight_quantized_layers
 
 
 def _calibrated(model, wbits, abits, protocol, scheme="symmetric"):
     torch.manual_seed(1)
     x = torch.randn(64, 1, 16, 16)
-    gm = prepare(model, wbits, abits, MinMaxObserver, protocol, scheme)
+    gm = prepare(model, wbits, abits, MinMaxObserver, QuantSpec(protocol, scheme))
     calibrate(gm, [x[:32]])
     return gm, x[32:]
 
@@ -34,12 +38,17 @@ def test_w8a8_logits_match_fake_quant_and_convs_are_integer(narrow_resnet, proto
     # lands on the neighbouring grid point. If every element of the last quantized tensor moved by one
     # step s_L, a logit would move by at most s_L * max_j sum_i |W_ji| (the pooling averages, never adds).
     fc = gm.get_submodule("fc")
-    tol = float(act_quantizers(gm)[-1 if protocol == "zeroq" else 1].scale) * float(fc.quantized_weight().detach().abs().sum(1).max())
+    tol = float(act_quantizers(gm)[-1 if protocol == "zeroq" else 1].scale) * float(
+        fc.quantized_weight().detach().abs().sum(1).max()
+    )
     assert (ort_out - ref).abs().max() <= tol, ((ort_out - ref).abs().max(), tol)
     assert (ort_out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
     report = integer_report(optimized_ops(data))
     # 9 convs; zeroq's stem reads the FP32 image (no quantizer there), so it stays a float conv
-    assert report["integer_convs"] == (8 if protocol == "zeroq" else 9) and report["integer_ops"].get("QLinearConv", 0) >= 3
+    assert (
+        report["integer_convs"] == (8 if protocol == "zeroq" else 9)
+        and report["integer_ops"].get("QLinearConv", 0) >= 3
+    )
     assert report["float_convs"] == (1 if protocol == "zeroq" else 0)
     kernels = {r["layer"]: r["kernel"] for r in records}
     assert kernels["layers.0.conv1"] == "QLinearConv" and kernels["layers.0.conv2"].startswith("ConvInteger")
@@ -68,10 +77,16 @@ def test_exported_weights_are_our_integers_and_scales(narrow_resnet):
 
 def _plain():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(8 * 8 * 8, 5, bias=False)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 5, bias=False),
+    ).eval()
 
 
 def test_sub8bit_grid_clipped_in_integers():
@@ -120,7 +135,10 @@ def test_quant_map_lists_every_layer_and_quantizer(narrow_resnet):
         assert f"| {r['layer']} " in text
     for a in acts:
         assert f"| {a['quantizer']} " in text and a["onnx"].endswith("uint8 Clip [0, 15]")
-    assert "folded after quantization" in text and "Layers whose input is not quantized (float conv/linear): stem.0, fc." in text
+    assert (
+        "folded after quantization" in text
+        and "Layers whose input is not quantized (float conv/linear): stem.0, fc." in text
+    )
     # every block's conv reads the quantizer of the ReLU before it (inside the block or the previous one)
     inputs = {r["layer"]: r["input"] for r in records}
     assert inputs["layers.1.conv1"] == inputs["layers.1.shortcut.0"] == "layers.0.act_fq_2"
@@ -132,9 +150,15 @@ def test_maxpool_runs_on_uint8_and_the_stem_conv_fuses(tmp_path):
     (max commutes with a monotone quantizer), so the stem conv fuses into QLinearConv and the pool reads
     uint8; the logits stay those of the graph without the copy."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 8 * 8, 5, bias=False)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 5, bias=False),
+    ).eval()
     for bits in (8, 4):
         gm, x = _calibrated(model, bits, bits, "brecq")
         data, records = to_onnx(gm, (1, 1, 16, 16), "brecq")
@@ -182,8 +206,16 @@ def test_int32_biases_make_the_fake_quant_model_the_integer_model(narrow_resnet,
 
 GRID_BITS = ["w8a8", "w6a6", "w4a4", "w3a3", "w8a2", "mixed"]
 # a mixed cell: 8-bit activations... no: 4-bit activations, weights of the allocatable layers at 2..8 bits
-MIXED_LAYERS = {"layers.0.conv1": 3, "layers.0.conv2": 8, "layers.1.conv1": 2, "layers.1.conv2": 6,
-                "layers.1.shortcut.0": 8, "layers.2.conv1": 4, "layers.2.conv2": 5, "layers.2.shortcut.0": 8}
+MIXED_LAYERS = {
+    "layers.0.conv1": 3,
+    "layers.0.conv2": 8,
+    "layers.1.conv1": 2,
+    "layers.1.conv2": 6,
+    "layers.1.shortcut.0": 8,
+    "layers.2.conv1": 4,
+    "layers.2.conv2": 5,
+    "layers.2.shortcut.0": 8,
+}
 
 
 def _grid_cell(model, protocol, scheme, bias, bits):
@@ -193,10 +225,10 @@ def _grid_cell(model, protocol, scheme, bias, bits):
     torch.manual_seed(5)
     x = torch.randn(320, 1, 16, 16)
     if bits == "mixed":
-        gm = prepare(model, 8, 4, DSGRangeObserver, protocol, scheme, layer_bits=MIXED_LAYERS)
+        gm = prepare(model, 8, 4, DSGRangeObserver, QuantSpec(protocol, scheme), layer_bits=MIXED_LAYERS)
     else:
         wb, ab = int(bits[1]), int(bits[3])
-        gm = prepare(model, wb, ab, DSGRangeObserver, protocol, scheme)
+        gm = prepare(model, wb, ab, DSGRangeObserver, QuantSpec(protocol, scheme))
     calibrate(gm, [x[:64]])
     if bias == "int32":
         round_biases(gm)
@@ -204,13 +236,24 @@ def _grid_cell(model, protocol, scheme, bias, bits):
 
 
 def _optimized_graph_kernels(data, tmp_path):
-    """Independently of dfq.deploy.export: for each layer, the op types of the optimized graph's nodes named after it."""
+    """Independently of dfq.deploy.runtime.layer_kernels: for each layer, the op types of the optimized graph's
+    nodes named after it."""
     session(data, 1, tmp_path / "opt.onnx")
     ops: dict[str, set] = {}
     for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node:
         parts = n.name.strip("/").split("/")
-        if len(parts) > 1 and n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Transpose", "Cast", "Mul", "Add",
-                                                 "Relu", "Clip", "ReorderInput", "ReorderOutput"):
+        if len(parts) > 1 and n.op_type not in (
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "Transpose",
+            "Cast",
+            "Mul",
+            "Add",
+            "Relu",
+            "Clip",
+            "ReorderInput",
+            "ReorderOutput",
+        ):
             ops.setdefault(".".join(parts[:-1]), set()).add(n.op_type)
     return ops
 
@@ -239,10 +282,17 @@ def test_export_grid_onnx_runtime_is_the_fake_quant_model(narrow_resnet, tmp_pat
                 assert len(ops) == 1, (bits, r["layer"], ops)
                 op = next(iter(ops))
                 expect = {"QLinearConv": "QLinearConv", "QGemm": "QGemm", "ConvInteger": "ConvInteger + float rescale"}
-                assert r["kernel"] == expect.get(op, f"float {op.replace('Fused', '').replace('Nchwc', '')}"), (bits, r, op)
+                assert r["kernel"] == expect.get(op, f"float {op.replace('Fused', '').replace('Nchwc', '')}"), (
+                    bits,
+                    r,
+                    op,
+                )
             counts = optimized_ops(data)
             labels = [r["kernel"] for r in records]
-            assert sum(k in ("QLinearConv", "ConvInteger + float rescale") for k in labels) == integer_report(counts)["integer_convs"]
+            assert (
+                sum(k in ("QLinearConv", "ConvInteger + float rescale") for k in labels)
+                == integer_report(counts)["integer_convs"]
+            )
             assert sum(k == "float Conv" for k in labels) == integer_report(counts)["float_convs"]
             assert sum(k == "QGemm" for k in labels) == counts.get("QGemm", 0)
     print(f"\n{protocol} {scheme} (bias, bits, images off by > 1e-3, median max |logit diff|, argmax agreement):")
@@ -266,9 +316,16 @@ def test_negative_bn_gamma_exports_negated_integers():
     from dfq.quant.prepare import round_biases
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    ).eval()
     gamma = torch.tensor([0.8, -1.2, 0.5, -0.3, 1.1, -0.9])
     model[1].weight.data.copy_(gamma)
     model[1].running_mean.uniform_(-0.3, 0.3)
@@ -297,8 +354,9 @@ def test_sub8bit_nonzero_zero_point_clips_where_fake_quant_clips():
     integer model's dequantized tensor there (ONNX Runtime, graph output added) equals the fake-quant
     quantizer's output element by element, both clip at -z s and (15 - z) s, and the logits agree."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 16 * 16, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3)
+    ).eval()
     gm, x = _calibrated(model, 8, 4, "brecq")
     x = 3 * x
     fq = next(m for m in act_quantizers(gm) if m.bits == 4)
@@ -313,7 +371,9 @@ def test_sub8bit_nonzero_zero_point_clips_where_fake_quant_clips():
     assert (seen["out"] == lo).any() and (seen["out"] == hi).any()  # clipped at both ends
     data, _ = to_onnx(gm, (1, 1, 16, 16), "brecq")
     model_proto = onnx.load_from_string(data)
-    clip = next(n for n in model_proto.graph.node if n.op_type == "Clip")  # the uint8 Clip [0, 15] the integer conv reads
+    clip = next(
+        n for n in model_proto.graph.node if n.op_type == "Clip"
+    )  # the uint8 Clip [0, 15] the integer conv reads
     model_proto.graph.output.append(onnx.helper.make_tensor_value_info(clip.output[0], onnx.TensorProto.UINT8, None))
     import onnxruntime as ort
 
@@ -340,12 +400,22 @@ def test_activation_fake_quant_rounds_as_quantize_linear():
 
     s, z = 0.0371, 3
     graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
-        [numpy_helper.from_array(torch.tensor(s).numpy(), "s"), numpy_helper.from_array(torch.tensor(z, dtype=torch.uint8).numpy(), "z")])
-    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
+        [
+            numpy_helper.from_array(torch.tensor(s).numpy(), "s"),
+            numpy_helper.from_array(torch.tensor(z, dtype=torch.uint8).numpy(), "z"),
+        ],
+    )
+    sess = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(2_000_000, generator=g) * 0.3, (torch.arange(-10, 260) + 0.5) * s])
     fq = ActFakeQuantize(8, None)

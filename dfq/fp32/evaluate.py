@@ -1,9 +1,20 @@
 """Evaluation: top-1 / top-5 accuracy over a DataLoader, with a progress bar."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many rows of ``logits`` rank their label first (top-1) and among their five highest (top-5; all
+    classes when there are fewer than five), as 0-dim tensors on the logits' device: a GPU evaluation adds
+    them up without a sync per batch, and the ONNX Runtime evaluation (dfq.deploy.runtime) counts the same way.
+    """
+    pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = pred == labels.view(-1, 1)
+    return hit[:, 0].sum(), hit.any(dim=1).sum()
 
 
 @torch.inference_mode()
@@ -19,12 +30,8 @@ def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu", desc:
     n = 0
     for x, y in tqdm(loader, desc=desc, leave=False):
         x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
-        out = model(x)
-        k = min(5, out.shape[1])
-        pred = out.topk(k, dim=1).indices
-        hit = pred == y.view(-1, 1)
-        top1 = top1 + hit[:, 0].sum()
-        top5 = top5 + hit.any(dim=1).sum()
+        c1, c5 = topk_correct(model(x), y)
+        top1, top5 = top1 + c1, top5 + c5
         n += len(y)
     if n == 0:
         raise ValueError("evaluation set is empty")
