@@ -62,9 +62,6 @@ def _const(name, value):
 F32 = np.float32
 
 
-# ---------------------------------------------------------------------------------------------- GraphIndex
-
-
 def test_index_reads_constants_and_keeps_readers_in_graph_order():
     model = _model(
         [
@@ -336,9 +333,6 @@ def test_toposort_orders_in_waves_and_finds_cycles():
     cycle = _model([helper.make_node("Relu", ["y"], ["a"]), helper.make_node("Neg", ["a"], ["y"])], {})
     with pytest.raises(RuntimeError, match="cycle"):
         _run(toposort, cycle)
-
-
-# ---------------------------------------------------------------------------------------------- the driver
 
 
 def test_qdq_rewrite_runs_the_passes_in_order_on_a_quantized_conv():
