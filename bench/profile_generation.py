@@ -5,15 +5,16 @@
 Prints, for the frozen-weight floor and for a ZeroQ generation iteration (hooks, loss, Adam), the
 operators by self time on the host and on the device, and how many operators each runs.
 """
+
 import argparse
 import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dfq.fp32.models import build_model, input_spec
 from dfq.generation.generators import gaussian_batch, optimize_images
 from dfq.generation.losses import zeroq_loss
-from dfq.fp32.models import build_model, input_spec
 
 
 def main() -> None:
@@ -50,8 +51,11 @@ def main() -> None:
         events = prof.key_averages()
         ops = sum(e.count for e in events if e.key.startswith("aten::")) / args.iters
         kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / args.iters
-        print(f"\n=== {name}: {ops:.0f} aten operators per iteration"
-              + (f", {kernels:.0f} device kernels" if cuda else "") + " ===")
+        print(
+            f"\n=== {name}: {ops:.0f} aten operators per iteration"
+            + (f", {kernels:.0f} device kernels" if cuda else "")
+            + " ==="
+        )
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
         if cuda:
             print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows))

@@ -8,6 +8,7 @@ Ratios printed: generation time per iteration / forward+backward with frozen wei
 and / forward+backward with weight gradients (the official code's cost); fake-quant eval time / FP32
 eval time (target <= 1.5). Not part of the test suite.
 """
+
 import argparse
 import json
 import os
@@ -20,11 +21,11 @@ import yaml
 
 from bench import timing as B
 from dfq.fp32.datasets import InputSpec, open_eval_dataset
+from dfq.fp32.models import load_checkpoint
 from dfq.generation.generators import batch_sizes, gaussian_batch
 from dfq.io import load_torch, save_text
-from dfq.fp32.models import load_checkpoint
-from dfq.quant.prepare import load_quantized
 from dfq.pipeline.report import aggregate, results_table, set_metrics
+from dfq.quant.prepare import load_quantized
 
 
 def run_pipeline(profile: str) -> None:
@@ -58,10 +59,10 @@ def main() -> None:
         x = gaussian_batch((sizes[0], *spec.shape), 0)
         kw = {}
         if method == "dsg":
-            kw["loss_fn"] = B.dsg_loss_fn(model, x, dev, cfg.get("eps", 0.9), cfg.get("per_channel", False),
-                                          cfg.get("lse_weight", 2.0))
-        r = B.paired_generation_ratios(model, x, **kw, iters=args.iters,
-                                       device=dev)
+            kw["loss_fn"] = B.dsg_loss_fn(
+                model, x, dev, cfg.get("eps", 0.9), cfg.get("per_channel", False), cfg.get("lse_weight", 2.0)
+            )
+        r = B.paired_generation_ratios(model, x, **kw, iters=args.iters, device=dev)
         rows.append((method, len(x), r, len(x) / (r["gen"] * cfg.get("iterations", 500))))
 
     loader = torch.utils.data.DataLoader(open_eval_dataset("data/prepared/eval", spec), batch_size=500)
@@ -71,26 +72,43 @@ def main() -> None:
     ev = B.paired_eval_ratio(model, gm, batches, device=dev)
     n_eval = sum(len(b) for b in batches)
 
-    lines = [f"# Benchmark: profile `{args.profile}`", "",
-             f"Model `{meta['arch']}`, device `{dev}` ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads), torch {torch.__version__}.", "",
-             "## Accuracy (top-1 %, top-5 in brackets)", "", results_table(fp32, agg, sources, bits),
-             "## Generation speed", "",
-             "Each ratio is the median over 5 rounds, each round timing the generation loop and both floors back "
-             "to back (range over the rounds in brackets).", "",
-             "| method | batch | s/iter | / fwd+bwd frozen weights (target <= 1.3) | / fwd+bwd with weight grads | images/s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmark: profile `{args.profile}`",
+        "",
+        f"Model `{meta['arch']}`, device `{dev}` ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}.",
+        "",
+        "## Accuracy (top-1 %, top-5 in brackets)",
+        "",
+        results_table(fp32, agg, sources, bits),
+        "## Generation speed",
+        "",
+        "Each ratio is the median over 5 rounds, each round timing the generation loop and both floors back "
+        "to back (range over the rounds in brackets).",
+        "",
+        "| method | batch | s/iter | / fwd+bwd frozen weights (target <= 1.3) | / fwd+bwd with weight grads | images/s |",  # noqa: E501
+        "|---|---|---|---|---|---|",
+    ]
     for method, n, r, ips in rows:
         lo, hi = r["ratio_frozen_range"]
-        lines.append(f"| {method} | {n} | {r['gen']:.4f} | {r['ratio_frozen']:.2f} ({lo:.2f}-{hi:.2f}) | "
-                     f"{r['ratio_full']:.2f} | {ips:.2f} |")
-    lines += ["", "## Evaluation speed", "",
-              "| model | s per {} images | ratio to FP32 (target <= 1.5; median of 7 alternating rounds) |".format(n_eval),
-              "|---|---|---|", f"| FP32 | {ev['fp32']:.3f} | 1.00 |",
-              f"| fake-quant {qs}-{qb} | {ev['quantized']:.3f} | {ev['ratio']:.2f} "
-              f"({ev['ratio_range'][0]:.2f}-{ev['ratio_range'][1]:.2f}) |", "",
-              f"Peak memory of this process: {B.peak_memory_mb(dev):.0f} MiB "
-              f"({'CUDA allocated' if dev.startswith('cuda') else 'resident set size'}).", ""]
+        lines.append(
+            f"| {method} | {n} | {r['gen']:.4f} | {r['ratio_frozen']:.2f} ({lo:.2f}-{hi:.2f}) | "
+            f"{r['ratio_full']:.2f} | {ips:.2f} |"
+        )
+    lines += [
+        "",
+        "## Evaluation speed",
+        "",
+        "| model | s per {} images | ratio to FP32 (target <= 1.5; median of 7 alternating rounds) |".format(n_eval),
+        "|---|---|---|",
+        f"| FP32 | {ev['fp32']:.3f} | 1.00 |",
+        f"| fake-quant {qs}-{qb} | {ev['quantized']:.3f} | {ev['ratio']:.2f} "
+        f"({ev['ratio_range'][0]:.2f}-{ev['ratio_range'][1]:.2f}) |",
+        "",
+        f"Peak memory of this process: {B.peak_memory_mb(dev):.0f} MiB "
+        f"({'CUDA allocated' if dev.startswith('cuda') else 'resident set size'}).",
+        "",
+    ]
     save_text("\n".join(lines), args.out)
     print("\n".join(lines))
 

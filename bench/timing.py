@@ -4,6 +4,7 @@ Generation cost is compared with two floors measured in the same process on the 
 - frozen: forward + backward to the INPUT with the weights frozen (all that generation needs);
 - weights: forward + backward with weight gradients too (what the official ZeroQ/DSG code pays).
 """
+
 from __future__ import annotations
 
 import resource
@@ -14,9 +15,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dfq.fp32.models import count_bn
 from dfq.generation.generators import compute_margins, optimize_images
 from dfq.generation.losses import dsg_loss, lse_weights, zeroq_loss
-from dfq.fp32.models import count_bn
 
 
 def _sync(device) -> None:
@@ -24,8 +25,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def dsg_loss_fn(model: nn.Module, x: torch.Tensor, device="cpu", eps: float = 0.9, per_channel: bool = False,
-                lse_weight: float = 2.0):
+def dsg_loss_fn(
+    model: nn.Module,
+    x: torch.Tensor,
+    device="cpu",
+    eps: float = 0.9,
+    per_channel: bool = False,
+    lse_weight: float = 2.0,
+):
     """The DSG loss (SDA margins from batch 0's seeded probe, LSE weights) for timing batch ``x``."""
     margins = compute_margins(model, x.shape, 0, eps, per_channel, device)
     weights = lse_weights(len(x), count_bn(model), lse_weight).to(device)
@@ -48,8 +55,9 @@ def time_it(fn: Callable[[], object], iters: int, warmup: int = 3, device="cpu",
     return best
 
 
-def fwd_bwd_floor(model: nn.Module, x: torch.Tensor, weight_grads: bool, iters: int, device="cpu",
-                  repeats: int = 3) -> float:
+def fwd_bwd_floor(
+    model: nn.Module, x: torch.Tensor, weight_grads: bool, iters: int, device="cpu", repeats: int = 3
+) -> float:
     """Seconds per forward + backward of ``model`` on ``x`` (gradient to the input; weights optional)."""
     x = x.to(device).clone().requires_grad_(True)
     model = model.to(device).eval()
@@ -69,8 +77,9 @@ def fwd_bwd_floor(model: nn.Module, x: torch.Tensor, weight_grads: bool, iters: 
             p.requires_grad_(f)
 
 
-def generation_iter_time(model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, iters: int = 20, device="cpu",
-                         repeats: int = 3) -> float:
+def generation_iter_time(
+    model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, iters: int = 20, device="cpu", repeats: int = 3
+) -> float:
     """Seconds per iteration of the real generation loop (hooks, loss, Adam, plateau schedule)."""
     x = x.to(device)
     model = model.to(device)
@@ -85,8 +94,9 @@ def generation_iter_time(model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, 
     return best
 
 
-def paired_generation_ratios(model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, iters: int = 20,
-                             rounds: int = 5, device="cpu") -> dict:
+def paired_generation_ratios(
+    model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, iters: int = 20, rounds: int = 5, device="cpu"
+) -> dict:
     """Generation time per iteration and both floors, measured back to back in each of ``rounds`` rounds,
     so that a slow spell of a shared machine hits all three alike; medians of the per-round ratios."""
     gen, frozen, full = [], [], []
@@ -96,20 +106,29 @@ def paired_generation_ratios(model: nn.Module, x: torch.Tensor, loss_fn=zeroq_lo
         full.append(fwd_bwd_floor(model, x, True, iters, device, repeats=1))
     r_frozen = sorted(g / f for g, f in zip(gen, frozen))
     r_full = sorted(g / f for g, f in zip(gen, full))
-    return {"gen": statistics.median(gen), "ratio_frozen": statistics.median(r_frozen),
-            "ratio_full": statistics.median(r_full), "ratio_frozen_range": (r_frozen[0], r_frozen[-1])}
+    return {
+        "gen": statistics.median(gen),
+        "ratio_frozen": statistics.median(r_frozen),
+        "ratio_full": statistics.median(r_full),
+        "ratio_frozen_range": (r_frozen[0], r_frozen[-1]),
+    }
 
 
-def paired_eval_ratio(fp32: nn.Module, quantized: nn.Module, batches: list[torch.Tensor], rounds: int = 7,
-                      device="cpu") -> dict:
+def paired_eval_ratio(
+    fp32: nn.Module, quantized: nn.Module, batches: list[torch.Tensor], rounds: int = 7, device="cpu"
+) -> dict:
     """FP32 and fake-quant inference passes alternated ``rounds`` times; median of the per-round ratios."""
     t_fp, t_q = [], []
     for _ in range(rounds):
         t_fp.append(eval_time(fp32, batches, device, repeats=1))
         t_q.append(eval_time(quantized, batches, device, repeats=1))
     ratios = sorted(q / f for q, f in zip(t_q, t_fp))
-    return {"fp32": statistics.median(t_fp), "quantized": statistics.median(t_q),
-            "ratio": statistics.median(ratios), "ratio_range": (ratios[0], ratios[-1])}
+    return {
+        "fp32": statistics.median(t_fp),
+        "quantized": statistics.median(t_q),
+        "ratio": statistics.median(ratios),
+        "ratio_range": (ratios[0], ratios[-1]),
+    }
 
 
 @torch.inference_mode()
@@ -130,5 +149,3 @@ def peak_memory_mb(device="cpu") -> float:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-

@@ -8,6 +8,7 @@ default); cells: mean ± std (seed count) over the per-seed runs. Choose setting
 (the validation split: training images disjoint from the real pool), report them with ``--metric top1``
 (the test set).
 """
+
 import argparse
 import os
 from pathlib import Path
@@ -17,16 +18,20 @@ from stages._common import read_params
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cli.compare", description=__doc__.split("\n")[0])
-    ap.add_argument("--metric", default="top1", help="a run metric: top1 / top5 (test set), val_top1 / val_top5 "
-                    "(validation split: choose settings on it), top1_drop, weight_mb, onnx_top1, ...")
+    ap.add_argument(
+        "--metric",
+        default="top1",
+        help="a run metric: top1 / top5 (test set), val_top1 / val_top5 "
+        "(validation split: choose settings on it), top1_drop, weight_mb, onnx_top1, ...",
+    )
     ap.add_argument("--by", nargs="+", default=["source", "bits"])
     ap.add_argument("--across", default="dvc_exp_name")
     ap.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"tags.bits = 'w4a4'\"")
     ap.add_argument("--experiment", default=None, help="MLflow experiment (default: params.yaml track.experiment)")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = ap.parse_args(argv)
-    from dfq.pipeline import tracking
     from dfq.io import save_text
+    from dfq.pipeline import tracking
 
     experiment = args.experiment or read_params().track.experiment
     uri = tracking.default_tracking_uri(Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve())

@@ -3,6 +3,7 @@
 A profile (profiles/NAME.yaml) maps dotted params keys to values; they become `dvc exp run -S key=value`
 arguments, so params.yaml's defaults stay as they are in git and `dvc exp show` lists the result.
 """
+
 import json
 import subprocess
 import sys

@@ -8,6 +8,7 @@
 
 Everything else asks this module rather than testing strings for "mp" or "-ft".
 """
+
 from __future__ import annotations
 
 import re
@@ -40,9 +41,11 @@ def mixed_budget(spec: str) -> tuple[str, float, int]:
     m = MIXED_MB_PATTERN.match(str(spec))
     if m and float(m.group(1)) > 0:
         return "mb", float(m.group(1)), int(m.group(2))
-    raise ValueError(f"mixed cell {spec!r} is invalid; expected 'mp<B>a<A>' (B the average weight bits in 2..8, e.g. "
-                     "4 or 3.5, no trailing zeros) or 'mp<M>mba<A>' (M > 0 megabytes of quantized weights, e.g. 0.03), "
-                     "A the activation bits in 2..8, e.g. mp4a4, mp3.5a8, mp0.03mba4")
+    raise ValueError(
+        f"mixed cell {spec!r} is invalid; expected 'mp<B>a<A>' (B the average weight bits in 2..8, e.g. "
+        "4 or 3.5, no trailing zeros) or 'mp<M>mba<A>' (M > 0 megabytes of quantized weights, e.g. 0.03), "
+        "A the activation bits in 2..8, e.g. mp4a4, mp3.5a8, mp0.03mba4"
+    )
 
 
 def parse_mixed(spec: str) -> tuple[float, int]:

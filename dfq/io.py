@@ -3,6 +3,7 @@
 Every write goes to a temporary file in the destination folder and is renamed into place, so a
 killed process leaves either the old file, the new file, or a ``.tmp`` leftover that no reader opens.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -13,6 +13,9 @@ name. Bottom layer: torch and the standard library only.
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import os
 import platform
 from pathlib import Path
 
@@ -112,3 +115,20 @@ def _repo_imports(name: str, root: Path) -> set[str]:
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
     return {m for m in found if m and _module_file(m, root) is not None}
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scratch_key(spec: dict, files: list[str | os.PathLike]) -> str:
+    """Hash of a JSON-able description plus the contents of ``files`` (model, code): the name of a resumable
+    stage's scratch folder, so that work made with other inputs or other code is never resumed."""
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for f in files:
+        h.update(f"{Path(f).name}:{file_md5(f)}".encode())
+    return h.hexdigest()[:16]

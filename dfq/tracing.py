@@ -3,6 +3,7 @@
 Both sides need it (generation hooks the BatchNorm layers a forward actually runs, quantization finds
 the units it reconstructs), and neither owns the other, so it lives at the bottom of the package.
 """
+
 from __future__ import annotations
 
 import weakref

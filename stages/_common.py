@@ -4,6 +4,7 @@ and the validation split, and metrics files that record what decided them (``env
 Device, thread count and worker count are environment (DFQ_DEVICE, DFQ_THREADS, DFQ_WORKERS), never
 params, so that a hardware change never invalidates DVC's cache.
 """
+
 from __future__ import annotations
 
 import os
@@ -84,9 +85,10 @@ def provenance() -> dict:
 def scratch_key(stage: str, spec: dict, files: list) -> str:
     """The name of a resumable stage's scratch folder: a hash of ``spec``, the input ``files`` and the stage's whole
     code (``stage``'s import closure, dfq.provenance.code_files), so that changed code never resumes old work."""
-    from dfq.generation.sharding import scratch_key as key
+    from dfq.provenance import REPO_ROOT
+    from dfq.provenance import scratch_key as key
 
-    return key(spec, [*files, *stage_code(stage)])
+    return key(spec, [*files, *(REPO_ROOT / f for f in stage_code(stage))])
 
 
 def stage_code(stage: str) -> list[str]:
@@ -101,21 +103,3 @@ def save_metrics(metrics: dict, path: str | os.PathLike) -> None:
     from dfq.io import save_json
 
     save_json({**metrics, "env": provenance()}, path)
-
-
-def accuracy(model, spec, batch_size: int, desc: str, prepared: str | os.PathLike = "data/prepared") -> dict:
-    """Top-1/top-5 % of ``model`` on the test set (``<prepared>/eval``: top1, top5) and on the validation split
-    (``<prepared>/val``: val_top1, val_top5; absent when the data stage drew none, data.val_images 0)."""
-    from dfq.fp32.datasets import open_eval_dataset
-    from dfq.fp32.evaluate import evaluate, make_loader
-
-    if not Path(prepared, "val").is_dir():
-        raise SystemExit(f"{prepared}/val: missing (written by the data stage since data.val_images): rerun the data "
-                         "stage (dvc repro data)")
-    out = {}
-    for split, prefix in (("eval", ""), ("val", "val_")):
-        data = open_eval_dataset(Path(prepared, split), spec)
-        if split == "eval" or len(data):  # an empty test set is an error (evaluate), no validation split is not
-            m = evaluate(model, make_loader(data, batch_size, workers()), device(), desc=f"{desc} ({split})")
-            out.update({f"{prefix}top1": m["top1"], f"{prefix}top5": m["top5"]})
-    return out

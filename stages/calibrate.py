@@ -8,6 +8,7 @@ the checkpoint and metrics/calibrate/<source>-s<seed>-<cell>.json.
 quantize.protocol picks the quantizer layout (zeroq | brecq), quantize.rounding the weight rounding (nearest |
 adaround | brecq | qdrop; on the set's cached tensors), quantize.bias int32 or float biases.
 """
+
 import sys
 import time
 
@@ -21,7 +22,8 @@ def main(calib_set: str, bits: str) -> None:
     from dfq.cells import cell_name, is_mixed, parse_bits, parse_mixed
     from dfq.fp32.models import load_checkpoint
     from dfq.io import load_torch, save_torch
-    from dfq.quant.prepare import calibrate, prepare, round_biases, summary, weight_size
+    from dfq.quant.bias import round_biases
+    from dfq.quant.prepare import calibrate, prepare, summary, weight_size
     from dfq.quant.reconstruction import reconstruct
     from dfq.quant.sensitivity import allocate_cell, load_measurement
 
@@ -49,20 +51,26 @@ def main(calib_set: str, bits: str) -> None:
         print(f"{cell}: {q.rounding} reconstruction on {n} images", flush=True)
         recon = reconstruct(gm, data, q.rounding, q.reconstruction, device())
     biases = round_biases(gm) if q.spec.bias == "int32" else 0  # on the int32 grid the export writes them on
-    seconds = time.perf_counter() - start
-    info = {"source": calib_set, "bits": bits, **q.spec.record(), "rounding": q.rounding,
-            "act_method": q.observer.act_method, "images": n, "int32_biases": biases, **summary(gm),
-            **({"reconstruction": recon["units"]} if recon else {}), **({"layer_bits": layer_bits} if alloc else {})}
-    out = paths.quant_checkpoint(cell)
+    seconds, out = time.perf_counter() - start, paths.quant_checkpoint(cell)
+    extra = {**({"reconstruction": recon["units"]} if recon else {}), **({"layer_bits": layer_bits} if alloc else {})}
+    info = dict(source=calib_set, bits=bits, **q.spec.record(), rounding=q.rounding, act_method=q.observer.act_method)
+    info.update(images=n, int32_biases=biases, **summary(gm), **extra)
     save_torch({**info, "state_dict": {k: v.cpu() for k, v in gm.state_dict().items()}}, out)
     # wall time apart from the model, so that an unchanged result stays byte-identical (evaluate skipped)
-    save_metrics({"seconds": round(seconds, 1), "rounding": q.rounding, "protocol": q.spec.protocol, "images": n,
-                  **weight_size(gm), **({"allocation": alloc} if alloc else {})}, paths.calibrate_metrics(cell))
+    metrics = dict(seconds=round(seconds, 1), rounding=q.rounding, protocol=q.spec.protocol, images=n)
+    save_metrics(
+        {**metrics, **weight_size(gm), **({"allocation": alloc} if alloc else {})}, paths.calibrate_metrics(cell)
+    )
     if alloc:
-        print(f"{cell}: {alloc['avg_bits']:.3f} average weight bits ({alloc['weight_mb']:.4g} MB), summed KL "
-              f"{alloc['kl_sum']:.4g}, bits per layer {' '.join(map(str, layer_bits.values()))}")
-    print(f"{cell}: {info['weight_layers']} weight layers and {info['act_quantizers']} activations quantized (protocol "
-          f"{q.spec.protocol}, rounding {q.rounding}, {n} images, {seconds:.1f} s) -> {out}")
+        bits_per_layer = " ".join(map(str, layer_bits.values()))
+        print(
+            f"{cell}: {alloc['avg_bits']:.3f} average weight bits ({alloc['weight_mb']:.4g} MB), summed KL "
+            f"{alloc['kl_sum']:.4g}, bits per layer {bits_per_layer}"
+        )
+    print(
+        f"{cell}: {info['weight_layers']} weight layers and {info['act_quantizers']} activations quantized "
+        f"(protocol {q.spec.protocol}, rounding {q.rounding}, {n} images, {seconds:.1f} s) -> {out}"
+    )
 
 
 if __name__ == "__main__":

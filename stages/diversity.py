@@ -1,4 +1,5 @@
 """Stage diversity@<source>: BN-statistic spread per layer and penultimate-feature cosine similarity."""
+
 import sys
 
 from dfq.pipeline import paths
@@ -20,8 +21,10 @@ def main(calib_set: str) -> None:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     save_metrics({"source": calib_set, **d}, paths.diversity_metrics(calib_set))
-    print(f"{calib_set}: mean BN-statistic spread {d['bn_spread_mean']:.3f} (per layer "
-          f"{', '.join(f'{s:.2f}' for s in d['bn_spread'])}), feature cosine {d['feature_cosine']:.3f}")
+    print(
+        f"{calib_set}: mean BN-statistic spread {d['bn_spread_mean']:.3f} (per layer "
+        f"{', '.join(f'{s:.2f}' for s in d['bn_spread'])}), feature cosine {d['feature_cosine']:.3f}"
+    )
 
 
 if __name__ == "__main__":

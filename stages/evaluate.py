@@ -2,10 +2,11 @@
 of the calibrated fake-quant model on the test set (top1, top5) and on the validation split (val_top1, val_top5:
 training images disjoint from the real pool, where choices are made), the size of its quantized weights (each layer
 at its own bits) and what decided the numbers (env: torch build, CPU, threads, device)."""
+
 import sys
 
 from dfq.pipeline import paths
-from stages._common import accuracy, read_params, save_metrics, setup_torch
+from stages._common import device, read_params, save_metrics, setup_torch, workers
 
 
 def main(calib_set: str, bits: str) -> None:
@@ -13,6 +14,7 @@ def main(calib_set: str, bits: str) -> None:
     setup_torch()
     from dfq.cells import cell_name, parse_set
     from dfq.fp32.datasets import InputSpec
+    from dfq.fp32.evaluate import split_accuracy
     from dfq.fp32.models import load_checkpoint
     from dfq.io import load_torch
     from dfq.quant.prepare import load_quantized, weight_size
@@ -21,10 +23,24 @@ def main(calib_set: str, bits: str) -> None:
     model, meta = load_checkpoint(paths.FP32)
     ckpt = load_torch(paths.quant_checkpoint(cell))
     gm = load_quantized(model, ckpt)
-    m = accuracy(gm, InputSpec.from_dict(meta["input_spec"]), batch_size, f"evaluate {cell}")
-    save_metrics({**m, "source": source, "seed": seed, "bits": bits, **weight_size(gm),
-                  **{k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "weight_range", "act_method")
-                     if k in ckpt}}, paths.eval_metrics(cell))
+    spec = InputSpec.from_dict(meta["input_spec"])
+    try:
+        m = split_accuracy(gm, spec, paths.PREPARED, batch_size, device(), workers(), f"evaluate {cell}")
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
+    save_metrics(
+        {
+            **m,
+            "source": source,
+            "seed": seed,
+            "bits": bits,
+            **weight_size(gm),
+            **{
+                k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "weight_range", "act_method") if k in ckpt
+            },
+        },
+        paths.eval_metrics(cell),
+    )
     val = f", validation top-1 {m['val_top1']:.2f}%" if "val_top1" in m else ""
     print(f"{cell}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}% (test){val}")
 

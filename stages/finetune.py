@@ -4,6 +4,7 @@ batches of data/finetune/<set>), written as the cell <bits>-ft (models/quant/<se
 report, track and export treat like any other. An int32-bias cell gets its biases back on the int32 grid.
 Resumable: each epoch's training state is written atomically in .dfq-scratch/finetune/; a rerun continues it.
 """
+
 import shutil
 import sys
 
@@ -21,38 +22,44 @@ def main(calib_set: str, bits: str) -> None:
     from dfq.quant.finetune import finetune
     from dfq.quant.prepare import QuantSpec, load_quantized
 
-    cell, out_cell = cell_name(calib_set, bits), cell_name(calib_set, finetuned(bits))
-    ckpt_path = paths.quant_checkpoint(cell)
-    files = paths.batches(paths.calib_set(calib_set)) + paths.batches(paths.finetune_set(calib_set))
+    cell, out_cell, calib, extra = (
+        cell_name(calib_set, bits),
+        cell_name(calib_set, finetuned(bits)),
+        paths.calib_set(calib_set),
+        paths.finetune_set(calib_set),
+    )
+    ckpt_path, files = paths.quant_checkpoint(cell), paths.batches(calib) + paths.batches(extra)
     if not ckpt_path.is_file() or not files:
-        raise SystemExit(f"finetune@{cell}: needs {ckpt_path} and {paths.calib_set(calib_set)} (run calibrate and "
-                         "generate)")
+        raise SystemExit(f"finetune@{cell}: needs {ckpt_path} and {calib} (run calibrate and generate)")
     images = torch.cat([load_torch(f) for f in files])[: p.num_images]
     if len(images) < p.num_images:
-        raise SystemExit(f"finetune.num_images={p.num_images}: only {len(images)} images in {paths.calib_set(calib_set)}"
-                         f" and {paths.finetune_set(calib_set)} (rerun generate_finetune@{calib_set.replace('-s', '-')})")
-    teacher, _ = load_checkpoint(paths.FP32)
-    ckpt = load_torch(ckpt_path)
+        rerun = f"rerun generate_finetune@{calib_set.replace('-s', '-')}"
+        raise SystemExit(
+            f"finetune.num_images={p.num_images}: only {len(images)} images in {calib} and {extra} ({rerun})"
+        )
+    teacher, ckpt = load_checkpoint(paths.FP32)[0], load_torch(ckpt_path)
     student = load_quantized(load_checkpoint(paths.FP32)[0], ckpt)
-    key = scratch_key("stages.finetune", {"cfg": given, "threads": torch.get_num_threads(), "n": len(images)},
-                      [paths.FP32, ckpt_path, *files])
-    scratch = paths.SCRATCH / "finetune" / f"{cell}-{key}"
+    spec = {"cfg": given, "threads": torch.get_num_threads(), "n": len(images)}
+    scratch = (
+        paths.SCRATCH / "finetune" / f"{cell}-{scratch_key('stages.finetune', spec, [paths.FP32, ckpt_path, *files])}"
+    )
     scratch.mkdir(parents=True, exist_ok=True)
     if (scratch / "state.pt").is_file():
         print(f"resuming from {scratch / 'state.pt'}", flush=True)
     print(f"{cell}: fine-tuning on {len(images)} images, {p.train.epochs} epochs", flush=True)
     # an int32-bias cell gets its biases back on the int32 grid inside finetune, before kl_end is measured
-    result = finetune(student, teacher, images, p.train, device(), scratch / "state.pt",
-                      int32_biases=QuantSpec.of_checkpoint(ckpt).bias == "int32")
+    int32 = QuantSpec.of_checkpoint(ckpt).bias == "int32"
+    result = finetune(student, teacher, images, p.train, device(), scratch / "state.pt", int32_biases=int32)
     out, start = paths.quant_checkpoint(out_cell), ckpt.get("rounding", "nearest")
-    save_torch({**{k: v for k, v in ckpt.items() if k != "state_dict"}, "rounding": "finetune", "finetune_from": start,
-                "finetune": given, "images": len(images), "int32_biases": result["int32_biases"],
-                "state_dict": {k: v.cpu() for k, v in student.state_dict().items()}}, out)
-    save_json({"seconds": round(result["seconds"], 1), "rounding": "finetune", **result, "finetune_from": start,
-               "env": provenance()}, paths.calibrate_metrics(out_cell))
+    record = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    record.update(rounding="finetune", finetune_from=start, finetune=given, images=len(images))
+    record.update(int32_biases=result["int32_biases"], state_dict={k: v.cpu() for k, v in student.state_dict().items()})
+    save_torch(record, out)
+    summary = {"seconds": round(result["seconds"], 1), "rounding": "finetune", **result}  # as before: **result wins
+    save_json({**summary, "finetune_from": start, "env": provenance()}, paths.calibrate_metrics(out_cell))
     shutil.rmtree(scratch)
-    print(f"{cell}: KL {result['kl_start']:.4f} -> {result['kl_end']:.4f} on the fine-tuning images "
-          f"({result['seconds']:.0f} s) -> {out}")
+    kl = f"KL {result['kl_start']:.4f} -> {result['kl_end']:.4f}"
+    print(f"{cell}: {kl} on the fine-tuning images ({result['seconds']:.0f} s) -> {out}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Stage fp32: load model.weights (or train the embedded model) and measure its FP32 accuracy on the test set and
 the validation split (metrics/fp32.json: top1, top5, val_top1, val_top5 and env, what decided them)."""
+
 import json
 
 from dfq.pipeline import paths
-from stages._common import accuracy, read_params, resolve_path, save_metrics, setup_torch
+from stages._common import device, read_params, resolve_path, save_metrics, setup_torch, workers
 
 
 def main() -> None:
@@ -11,6 +12,7 @@ def main() -> None:
     torch = setup_torch()
     from dfq.fp32 import models
     from dfq.fp32.datasets import InputSpec
+    from dfq.fp32.evaluate import split_accuracy
     from dfq.fp32.train import train_classifier
     from dfq.io import load_torch
 
@@ -32,12 +34,18 @@ def main() -> None:
             print(f"training {arch} ({models.count_bn(model)} BN layers) for {params.train.epochs} epochs", flush=True)
             model = train_classifier(model, train["images"], train["labels"], spec, params.train)
         else:
-            raise ValueError(f"model.weights is null but data.dataset={meta['dataset']!r} has no training tensors: "
-                             "give model.weights (a state-dict file, or 'torchvision')")
+            raise ValueError(
+                f"model.weights is null but data.dataset={meta['dataset']!r} has no training tensors: "
+                "give model.weights (a state-dict file, or 'torchvision')"
+            )
         models.check_classes(model, spec.to_dict(), num_classes)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    metrics = accuracy(model, spec, params.evaluate.batch_size, "evaluate fp32", paths.PREPARED)
+    try:
+        b = params.evaluate.batch_size
+        metrics = split_accuracy(model, spec, paths.PREPARED, b, device(), workers(), "evaluate fp32")
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
     models.save_checkpoint(model.cpu(), arch, num_classes, spec.to_dict(), paths.FP32)
     save_metrics(metrics, paths.FP32_METRICS)
     val = f", validation top-1 {metrics['val_top1']:.2f}%" if "val_top1" in metrics else ""

@@ -8,6 +8,7 @@ independent; every source gets the same batches (data.num_images in generate.bat
 batches after the calibration set's, into data/finetune/<source>-s<seed>/. DFQ_GEN_PROCS=N (environment) shards
 the batches over N torchrun processes; finished batches survive a kill in .dfq-scratch/ (rerun: the missing ones).
 """
+
 import os
 import sys
 
@@ -20,42 +21,36 @@ def main(source: str, seed: int, extend: bool = False) -> None:
     torch = setup_torch()
     from dfq.cells import set_name
     from dfq.fp32.models import load_checkpoint
-    from dfq.generation import generators, sharding
+    from dfq.generation import generators, sharding, sources
     from dfq.io import load_torch
 
-    if source not in (params.generate.model_extra or {}):
+    g, num, name, dev = params.generate, params.data.num_images, set_name(source, seed), device()
+    if source not in (g.model_extra or {}):
         raise SystemExit(f"generate source {source!r} has no params group generate.{source} in params.yaml")
-    cfg, group, num, batch = params.generate.config(source), params.generate.group(source), \
-        params.data.num_images, params.generate.batch_size
     model, meta = load_checkpoint(paths.FP32)
-    sizes, name = generators.batch_sizes(num, batch), set_name(source, seed)
+    sizes = generators.batch_sizes(num, g.batch_size)
     first, n = (len(sizes), params.finetune.num_images - num) if extend else (0, 0)
-    sizes, out = sizes + generators.batch_sizes(n, batch), (paths.finetune_set if extend else paths.calib_set)(name)
-    shape = tuple(meta["input_spec"]["shape"])
-    key = scratch_key("stages.generate", {"source": source, "cfg": group, "seed": seed, "sizes": sizes, "shape": shape,
-                                          "threads": torch.get_num_threads()}, [paths.FP32])
-    scratch = paths.SCRATCH / "generate" / f"{name}-{key}"
-    rank, size = sharding.world()
-    sharding.init(device())
+    sizes += generators.batch_sizes(n, g.batch_size)
+    out = (paths.finetune_set if extend else paths.calib_set)(name)
+    shape, group, method = tuple(meta["input_spec"]["shape"]), g.group(source), g.method(source)
+    spec = dict(source=source, cfg=group, seed=seed, sizes=sizes, shape=shape, threads=torch.get_num_threads())
+    scratch = paths.SCRATCH / "generate" / f"{name}-{scratch_key('stages.generate', spec, [paths.FP32])}"
+    record = dict(source=source, method=method, params=group, seed=seed, batch_size=sizes[0], env=provenance())
     try:
-        pool = load_torch(paths.REAL_POOL) if params.generate.method(source) == "real" else None
-        real = None if pool is None else torch.cat([generators.real_subset(pool, num, seed),
-                                                    generators.real_subset(pool, n, seed, skip=num)])
-        mine = [i for i in sharding.my_batches(len(sizes), rank, size) if i >= first]
-        sharding.make_batches(source, cfg, seed, sizes, shape, model.to(device()), real, scratch, mine, device())
-        sharding.barrier()
-        if rank == 0:
-            meta = {"source": source, "method": params.generate.method(source), "params": group, "seed": seed,
-                    "batch_size": sizes[0], "env": provenance()}
-            sharding.assemble(out, meta, range(first, len(sizes)), scratch)
+        real = None
+        if method == "real":
+            pool = load_torch(paths.REAL_POOL)
+            real = torch.cat([sources.real_subset(pool, num, seed), sources.real_subset(pool, n, seed, skip=num)])
+        cfg, model = g.config(source), model.to(dev)
+        ok = sharding.make_set(source, cfg, seed, sizes, shape, model, real, scratch, out, record, first, dev)
     except (ValueError, FloatingPointError) as exc:
         raise SystemExit(f"generate@{name}: {exc} (nothing was written)") from None
     except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise SystemExit(f"generate@{name}: out of memory with batches of {sizes[0]} images ({exc.__class__.__name__}): "
-                         "lower generate.batch_size, or run on a device with more memory; nothing was written") from None
-    finally:
-        sharding.finish()
-    if rank == 0:
+        raise SystemExit(
+            f"generate@{name}: out of memory with batches of {sizes[0]} images ({exc.__class__.__name__}): "
+            "lower generate.batch_size, or run on a device with more memory; nothing was written"
+        ) from None
+    if ok:
         print(f"{name}: {sum(sizes[first:])} images in {len(sizes) - first} batches -> {out}/")
 
 
@@ -64,8 +59,8 @@ def launch(source: str, seed: str, *mode: str) -> None:
     procs = int(os.environ.get("DFQ_GEN_PROCS", "1") or 1)
     if procs > 1 and "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("DFQ_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
-        os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc_per_node={procs}", "-m", "stages.generate", source, seed, *mode])
+        run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "stages.generate"]
+        os.execvp(sys.executable, [sys.executable, *run, source, seed, *mode])
     main(source, int(seed), mode == ("finetune",))
 
 

@@ -3,6 +3,7 @@ cell with its test and validation accuracy (top1, val_top1), tagged with its see
 (env.* tags from its evaluation metrics: torch build, CPU, ISA, threads, device); an exported cell adds its ONNX
 Runtime metrics, its quant map and its ONNX model. Plus one aggregate run per (source, bits): mean, std over seeds
 (dfq.pipeline.runs)."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -21,15 +22,19 @@ def main() -> None:
     root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
     lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    common = {"git_commit": commit or "unknown", "dvc_stage": os.environ.get("DVC_STAGE", "track"),
-              "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
-              "fp32_model_md5": lock_md5(lock, "fp32", str(paths.FP32))}
+    common = {
+        "git_commit": commit or "unknown",
+        "dvc_stage": os.environ.get("DVC_STAGE", "track"),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "fp32_model_md5": lock_md5(lock, "fp32", str(paths.FP32)),
+    }
     cells = runs.pipeline_runs(params, lock, common)
     uri = tracking.default_tracking_uri(root)
     print(f"logging {len(cells)} runs to {uri} (experiment {params.track.experiment!r})", flush=True)
     try:
-        result = tracking.log_cells(cells, uri=uri, experiment=params.track.experiment,
-                                    artifact_location=(root / "mlartifacts").as_uri())
+        result = tracking.log_cells(
+            cells, uri=uri, experiment=params.track.experiment, artifact_location=(root / "mlartifacts").as_uri()
+        )
     except tracking.TrackingError as exc:
         raise SystemExit(str(exc)) from None
     print(f"MLflow: {result['logged']} runs logged, {result['skipped']} already logged (same inputs)")

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dfq.provenance import code_files
 from stages._common import stage_code
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,14 +440,12 @@ def args_violations() -> list[str]:
     return bad
 
 
-@pytest.mark.xfail(strict=False, reason="issue 23 in progress")
 def test_sizes():
     bad = size_violations()
     if bad:
         pytest.fail("over the size limits:\n" + "\n".join(bad), pytrace=False)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 23 in progress")
 def test_public_functions_with_many_parameters_document_them():
     bad = args_violations()
     if bad:

@@ -3,16 +3,17 @@
 Skipped where no CUDA device is visible (CI has none); run on a GPU machine with
 ``python -m pytest tests/test_cuda.py``.
 """
+
 import pytest
 import torch
 
-from dfq.generation.bn_stats import BNInputStats, per_sample_stats
 from dfq.fp32.evaluate import evaluate
+from dfq.fp32.models import build_model
+from dfq.generation.bn_stats import BNInputStats, per_sample_stats
 from dfq.generation.generators import DSGConfig, ZeroQConfig, dsg_batch, zeroq_batch
 from dfq.generation.losses import dsg_loss, lse_weights, zeroq_loss
-from dfq.fp32.models import build_model
 from dfq.quant.observers import MinMaxObserver, make_observer
-from dfq.quant.prepare import calibrate, QuantSpec, prepare, weight_quantized_layers
+from dfq.quant.prepare import QuantSpec, calibrate, prepare, weight_quantized_layers
 from dfq.quant.reconstruction import ReconConfig, reconstruct
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -61,7 +62,9 @@ def test_bn_statistic_losses_and_gradients_match_the_cpu(narrow_resnet):
 def test_generation_runs_on_cuda_and_returns_cpu_images_like_the_cpu_run(narrow_resnet):
     shape = (6, 1, 16, 16)
     xc, ic = zeroq_batch(narrow_resnet(), shape, 3, ZeroQConfig(iterations=5), device="cpu")
-    xg, ig = zeroq_batch(narrow_resnet().to(CUDA), shape, 3, ZeroQConfig(iterations=5), device=CUDA)  # the stage moves the model
+    xg, ig = zeroq_batch(
+        narrow_resnet().to(CUDA), shape, 3, ZeroQConfig(iterations=5), device=CUDA
+    )  # the stage moves the model
     assert xg.device.type == "cpu" and ig["loss_end"] < ig["loss_start"]
     assert abs(ig["loss_start"] - ic["loss_start"]) < 1e-4 * abs(ic["loss_start"])
     # Adam's first steps are nearly sign(gradient): compare the loss reached, not pixel by pixel

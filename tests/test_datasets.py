@@ -3,7 +3,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfq.fp32.datasets import FASHION_MNIST_SPEC, InputSpec, NormalizedTensorDataset, calibration_subset, load_fashion_mnist
+from dfq.fp32.datasets import (
+    FASHION_MNIST_SPEC,
+    InputSpec,
+    NormalizedTensorDataset,
+    calibration_subset,
+    load_fashion_mnist,
+)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -94,9 +100,10 @@ def test_imagenet_evaluation_transform_resizes_to_256_and_crops_224(tmp_path):
     x, label = open_eval_dataset(tmp_path / "eval", spec)[0]
     resized = np.asarray(Image.fromarray(pixels).resize((384, 256), Image.BILINEAR), dtype=np.float32) / 255
     top, left = (256 - 224) // 2, (384 - 224) // 2
-    crop = resized[top:top + 224, left:left + 224]
+    crop = resized[top : top + 224, left : left + 224]
     expected = (torch.from_numpy(crop).permute(2, 0, 1) - torch.tensor(spec.mean).view(3, 1, 1)) / torch.tensor(
-        spec.std).view(3, 1, 1)
+        spec.std
+    ).view(3, 1, 1)
     assert label == 0 and x.shape == (3, 224, 224)
     assert torch.allclose(x, expected, atol=1e-5)
 
@@ -108,8 +115,9 @@ def _old_pool(images, num_images, seed):
     return images[idx.sort().values]
 
 
-@pytest.mark.parametrize("n, pool, val, seed", [(5000, 2048, 2500, 0), (60000, 2048, 5000, 0), (1000, 64, 200, 7),
-                                                (100, 40, 60, 3)])
+@pytest.mark.parametrize(
+    "n, pool, val, seed", [(5000, 2048, 2500, 0), (60000, 2048, 5000, 0), (1000, 64, 200, 7), (100, 40, 60, 3)]
+)
 def test_validation_split_is_disjoint_from_the_pool_and_the_pool_is_unchanged(n, pool, val, seed):
     from dfq.fp32.datasets import split_indices
 
@@ -122,7 +130,7 @@ def test_validation_split_is_disjoint_from_the_pool_and_the_pool_is_unchanged(n,
     assert torch.equal(val_idx, val_idx.sort().values)
     # independently: the next ``val`` entries of the same seeded permutation
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    assert val_idx.tolist() == sorted(perm[pool:pool + val])
+    assert val_idx.tolist() == sorted(perm[pool : pool + val])
     assert torch.equal(split_indices(n, pool, 0, seed)[0], pool_idx)  # the pool does not depend on val
     assert len(split_indices(n, pool, 0, seed)[1]) == 0
 
@@ -130,7 +138,9 @@ def test_validation_split_is_disjoint_from_the_pool_and_the_pool_is_unchanged(n,
 def test_too_few_training_images_name_the_param():
     from dfq.fp32.datasets import split_indices
 
-    with pytest.raises(ValueError, match=r"data.val_images=2953: .*real pool \(2048 images, data.real_pool\) need 5001 .*only 5000"):
+    with pytest.raises(
+        ValueError, match=r"data.val_images=2953: .*real pool \(2048 images, data.real_pool\) need 5001 .*only 5000"
+    ):
         split_indices(5000, 2048, 2953, 0)
     with pytest.raises(ValueError, match="data.real_pool=5001 exceeds the 5000 training images"):
         split_indices(5000, 5001, 0, 0)
@@ -197,14 +207,18 @@ def test_data_stage_writes_the_validation_split(tmp_path):
     perm = torch.randperm(60000, generator=torch.Generator().manual_seed(5)).tolist()
     pool, val = sorted(perm[:300]), sorted(perm[300:800])
     got = load_torch(out / "val/val.pt")
-    assert got["images"].dtype == torch.uint8 and torch.equal(got["images"], xtr[val]) and torch.equal(got["labels"], ytr[val])
+    assert (
+        got["images"].dtype == torch.uint8
+        and torch.equal(got["images"], xtr[val])
+        and torch.equal(got["labels"], ytr[val])
+    )
     assert torch.equal(load_torch(out / "calib_real.pt"), FASHION_MNIST_SPEC.normalize(_old_pool(xtr, 300, 5)))
     assert torch.equal(load_torch(out / "calib_real.pt"), FASHION_MNIST_SPEC.normalize(xtr[pool]))
     assert not set(pool) & set(val)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["val_images"] == 500 and meta["calib_real"] == [300, 1, 28, 28]
     ds = open_eval_dataset(out / "val", FASHION_MNIST_SPEC)
-    assert len(ds) == 500 and torch.equal(ds[7][0], FASHION_MNIST_SPEC.normalize(xtr[val[7]:val[7] + 1])[0])
+    assert len(ds) == 500 and torch.equal(ds[7][0], FASHION_MNIST_SPEC.normalize(xtr[val[7] : val[7] + 1])[0])
     assert len(open_eval_dataset(out / "eval", FASHION_MNIST_SPEC)) == 10000
 
 
@@ -222,10 +236,17 @@ def test_data_stage_on_an_image_folder(tmp_path):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / split / c / f"{i}.png"
+                )
     (tmp_path / "w.th").write_bytes(b"not read by the data stage")
-    folder = {"dataset": "imagefolder", "test_dir": str(tmp_path / "test"), "train_dir": str(tmp_path / "train"),
-              "resize": 0, "num_images": 4}
+    folder = {
+        "dataset": "imagefolder",
+        "test_dir": str(tmp_path / "test"),
+        "train_dir": str(tmp_path / "train"),
+        "resize": 0,
+        "num_images": 4,
+    }
     model = {"arch": "cifar_resnet20", "weights": str(tmp_path / "w.th")}
     r = _run_data_stage(tmp_path, {**folder, "real_pool": 5, "val_images": 8}, model)
     assert r.returncode != 0 and "data.val_images=8" in r.stderr and "only 12 exist" in r.stderr, r.stderr
@@ -240,7 +261,9 @@ def test_data_stage_on_an_image_folder(tmp_path):
     assert len(val["files"]) == 7 and not pool & {tuple(f) for f in val["files"]}
     # a folder smaller than data.real_pool: all of it is the pool (as before), no room for a validation split
     r = _run_data_stage(tmp_path, {**folder, "real_pool": 50, "val_images": 1}, model)
-    assert r.returncode != 0 and "data.val_images=1: " in r.stderr and "(12 images, data.real_pool=50 capped" in r.stderr
+    assert (
+        r.returncode != 0 and "data.val_images=1: " in r.stderr and "(12 images, data.real_pool=50 capped" in r.stderr
+    )
     r = _run_data_stage(tmp_path, {**folder, "real_pool": 50, "val_images": 0}, model)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "data/prepared/meta.json").read_text())["calib_real"] == [12, 3, 32, 32]

@@ -4,8 +4,18 @@ import torch
 
 from dfq.generation.bn_stats import BNInputStats
 from dfq.generation.generators import DSGConfig, compute_margins, dsg_batch, extras_seed, init_images, probe_seed
-from dfq.generation.losses import (dsg_loss, jitter, l2_norm_loss, label_loss, lse_weights, sda_loss_matrix, sda_margins,
-                        total_variation_l2, unbiased, zeroq_loss)
+from dfq.generation.losses import (
+    dsg_loss,
+    jitter,
+    l2_norm_loss,
+    label_loss,
+    lse_weights,
+    sda_loss_matrix,
+    sda_margins,
+    total_variation_l2,
+    unbiased,
+    zeroq_loss,
+)
 
 
 def forward_stats(model, x):
@@ -90,8 +100,7 @@ def test_margin_probes(tiny_bn, probe):
     """uniform: a seeded U[0, 1) probe; init: the batch's own starting pixels."""
     shape = (6, 1, 8, 8)
     x0 = torch.rand(shape) * 3 - 1
-    expected = (torch.rand(shape, generator=torch.Generator().manual_seed(probe_seed(7))) if probe == "uniform"
-                else x0)
+    expected = torch.rand(shape, generator=torch.Generator().manual_seed(probe_seed(7))) if probe == "uniform" else x0
     deltas, gammas = compute_margins(tiny_bn, shape, 7, 0.8, False, probe=probe, x0=x0)
     ref_d, ref_g = sda_margins(forward_stats(tiny_bn, expected), 0.8)
     for a, b in zip(deltas + gammas, ref_d + ref_g):
@@ -116,7 +125,7 @@ def test_extra_terms_hand_computed():
     two = torch.cat([x, 2 * x])
     assert l2_norm_loss(two).item() == pytest.approx(1.5 * (1 + 9 + 49) ** 0.5, rel=1e-6)
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    ce = (-2 + np.log(np.e ** 2 + 2) + np.log(3.0)) / 2
+    ce = (-2 + np.log(np.e**2 + 2) + np.log(3.0)) / 2
     assert label_loss(logits, torch.tensor([0, 1])).item() == pytest.approx(ce, rel=1e-6)
 
 
@@ -143,11 +152,23 @@ def test_code_recipe_with_every_extra_off_is_zeroq(tiny_bn):
     stats = forward_stats(tiny_bn, x)
     logits = tiny_bn(x)
     labels = torch.tensor([0, 1, 2, 0])
-    off = dsg_loss(x, stats, None, None, logits, labels=labels, label_weight=0.0, tv_weight=0.0, l2_weight=0.0,
-                   offset=5, unbiased_std=False)
+    off = dsg_loss(
+        x,
+        stats,
+        None,
+        None,
+        logits,
+        labels=labels,
+        label_weight=0.0,
+        tv_weight=0.0,
+        l2_weight=0.0,
+        offset=5,
+        unbiased_std=False,
+    )
     assert off.item() == zeroq_loss(x, stats, logits).item()
-    on = dsg_loss(x, stats, None, None, logits, labels=labels, label_weight=2.0, tv_weight=0.01, l2_weight=0.01,
-                  offset=3)
+    on = dsg_loss(
+        x, stats, None, None, logits, labels=labels, label_weight=2.0, tv_weight=0.01, l2_weight=0.01, offset=3
+    )
     rolled = torch.roll(x, (3, 3), (2, 3))
     extra = 2 * label_loss(logits, labels) + 0.01 * total_variation_l2(rolled) + 0.01 * l2_norm_loss(rolled)
     assert on.item() == pytest.approx((off + extra).item(), rel=1e-6)
@@ -158,9 +179,21 @@ def test_dsg_batch_optimises_the_loss_it_claims(tiny_bn, recipe):
     """The first iteration's loss of dsg_batch equals the DSG loss assembled by hand from its margins, LSE
     weights and (code recipe) labels and jitter offset: DSG never silently runs as ZeroQ."""
     shape, seed = (4, 1, 8, 8), 11
-    cfg = (dict(init="gaussian", margin_probe="gaussian", lse_weight=2.0) if recipe == "paper" else
-           dict(init="uniform", margin_probe="init", lse_weight=4.0, lse_tied=3, label_weight=2.0,
-                tv_weight=0.01, l2_weight=0.01, jitter=3, unbiased_std=True))
+    cfg = (
+        dict(init="gaussian", margin_probe="gaussian", lse_weight=2.0)
+        if recipe == "paper"
+        else dict(
+            init="uniform",
+            margin_probe="init",
+            lse_weight=4.0,
+            lse_tied=3,
+            label_weight=2.0,
+            tv_weight=0.01,
+            l2_weight=0.01,
+            jitter=3,
+            unbiased_std=True,
+        )
+    )
     _, info, saved = dsg_batch(tiny_bn, shape, seed, DSGConfig(iterations=1, lr=0.1, eps=0.9, **cfg))
     x0 = init_images(cfg["init"], shape, torch.Generator().manual_seed(seed))
     ub = cfg.get("unbiased_std", False)
@@ -177,8 +210,11 @@ def test_dsg_batch_optimises_the_loss_it_claims(tiny_bn, recipe):
     logits = tiny_bn(x0)
     expected = dsg_loss(x0, stats, margins, weights, logits, **kw).item()
     assert info["loss_start"] == pytest.approx(expected, rel=1e-6)
-    for wrong in (zeroq_loss(x0, stats).item(), dsg_loss(x0, stats, None, weights, logits, **kw).item(),
-                  dsg_loss(x0, stats, margins, None, logits, **kw).item()):
+    for wrong in (
+        zeroq_loss(x0, stats).item(),
+        dsg_loss(x0, stats, None, weights, logits, **kw).item(),
+        dsg_loss(x0, stats, margins, None, logits, **kw).item(),
+    ):
         assert info["loss_start"] != pytest.approx(wrong, rel=1e-6)
 
 
@@ -205,8 +241,12 @@ def test_code_recipe_jitter_offsets_cover_minus_jitter_to_jitter(tiny_bn, monkey
         return roll(x, offset)
 
     monkeypatch.setattr(dfq.generation.losses, "jitter", observed)
-    dsg_batch(tiny_bn, (2, 1, 8, 8), 4, DSGConfig(iterations=300, lr=0.05, sda=False, lse=False, tv_weight=0.01,
-                                                  l2_weight=0.01, jitter=3))
+    dsg_batch(
+        tiny_bn,
+        (2, 1, 8, 8),
+        4,
+        DSGConfig(iterations=300, lr=0.05, sda=False, lse=False, tv_weight=0.01, l2_weight=0.01, jitter=3),
+    )
     assert len(used) == 301  # 300 iterations and the final loss
     assert all(isinstance(k, int) for k in used)
     counts = {k: used.count(k) for k in set(used)}

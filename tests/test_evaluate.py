@@ -1,4 +1,5 @@
 """evaluate(): top-1 / top-5 on known logits, counted by hand."""
+
 import pytest
 import torch
 
@@ -61,24 +62,26 @@ def _count(model, images, labels):
 
 
 def test_stage_accuracy_on_the_test_set_and_the_validation_split(tmp_path):
-    """stages._common.accuracy (what the fp32 and evaluate stages write): top1/top5 on data/prepared/eval and
+    """dfq.fp32.evaluate.split_accuracy (what the fp32 and evaluate stages write): top1/top5 on data/prepared/eval and
     val_top1/val_top5 on data/prepared/val, each equal to a count made here; no validation images, no val_ keys."""
     from dfq.fp32.datasets import FASHION_MNIST_SPEC
-    from stages._common import accuracy
+    from dfq.fp32.evaluate import split_accuracy
 
     prepared = tmp_path / "prepared"
     test = _write_split(prepared / "eval" / "test.pt", 53, 0)
     val = _write_split(prepared / "val" / "val.pt", 41, 1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
-    m = accuracy(model, FASHION_MNIST_SPEC, 8, "t", prepared)
+    m = split_accuracy(model, FASHION_MNIST_SPEC, prepared, 8, desc="t")
     top1, top5 = _count(model, *test)
     val_top1, val_top5 = _count(model, *val)
     assert 0 < val_top1 < 100 and (val_top1, val_top5) != (top1, top5)  # the two sets are told apart
     assert m == pytest.approx({"top1": top1, "top5": top5, "val_top1": val_top1, "val_top5": val_top5})
     _write_split(prepared / "val" / "val.pt", 0, 1)  # data.val_images 0: an empty split
-    assert accuracy(model, FASHION_MNIST_SPEC, 8, "t", prepared) == pytest.approx({"top1": top1, "top5": top5})
+    assert split_accuracy(model, FASHION_MNIST_SPEC, prepared, 8, desc="t") == pytest.approx(
+        {"top1": top1, "top5": top5}
+    )
     (prepared / "val" / "val.pt").unlink()
     (prepared / "val").rmdir()
-    with pytest.raises(SystemExit, match="prepared/val: missing .* rerun the data stage"):
-        accuracy(model, FASHION_MNIST_SPEC, 8, "t", prepared)
+    with pytest.raises(FileNotFoundError, match="prepared/val: missing .* rerun the data stage"):
+        split_accuracy(model, FASHION_MNIST_SPEC, prepared, 8, desc="t")

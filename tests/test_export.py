@@ -182,7 +182,7 @@ def test_int32_biases_make_the_fake_quant_model_the_integer_model(narrow_resnet,
     s_x * s_w * |gamma / sigma|). Without round_biases the fake-quant model keeps float biases and differs
     from ONNX Runtime by up to a grid step; with it, every bias the export writes is already on that grid
     and the logits agree to float rounding (a requantization tie aside)."""
-    from dfq.quant.prepare import round_biases
+    from dfq.quant.bias import round_biases
 
     torch.manual_seed(3)
     model = narrow_resnet()
@@ -219,8 +219,8 @@ MIXED_LAYERS = {
 
 
 def _grid_cell(model, protocol, scheme, bias, bits):
+    from dfq.quant.bias import round_biases
     from dfq.quant.observers import DSGRangeObserver
-    from dfq.quant.prepare import round_biases
 
     torch.manual_seed(5)
     x = torch.randn(320, 1, 16, 16)
@@ -313,7 +313,7 @@ def test_negative_bn_gamma_exports_negated_integers():
     channel's integers negated. The file holds exactly -q for those channels and q for the others (q computed
     here from the FP32 weight: symmetric 4-bit, round(w / s) with s = max|w| / 7), and ONNX Runtime computes the
     fake-quant model."""
-    from dfq.quant.prepare import round_biases
+    from dfq.quant.bias import round_biases
 
     torch.manual_seed(0)
     model = nn.Sequential(

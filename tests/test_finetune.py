@@ -1,4 +1,5 @@
 """Data-free fine-tuning (dfq.quant.finetune): KL distillation into a calibrated fake-quant model."""
+
 import copy
 import math
 
@@ -7,10 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.quant.finetune import FinetuneConfig, _schedule, augment, finetune, kl_divergence, mean_kl
 from dfq.io import load_torch
+from dfq.quant.bias import round_biases
+from dfq.quant.finetune import FinetuneConfig, _schedule, augment, finetune, kl_divergence, mean_kl
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import act_quantizers, calibrate, load_quantized, QuantSpec, prepare, round_biases, weight_quantized_layers
+from dfq.quant.prepare import (
+    QuantSpec,
+    act_quantizers,
+    calibrate,
+    load_quantized,
+    prepare,
+    weight_quantized_layers,
+)
 
 
 def _images(n=64):
@@ -36,8 +45,9 @@ def _on_grid(layer) -> bool:
     s = layer.weight_scale.view(-1, *([1] * (layer.weight.dim() - 1)))
     z = layer.weight_zero_point.view_as(s).float()
     q = layer.weight.detach() / s + z
-    return bool(torch.all((q - q.round()).abs() < 1e-4) and q.min() > -1e-4
-                and q.max() < 2**layer.weight_bits - 1 + 1e-4)
+    return bool(
+        torch.all((q - q.round()).abs() < 1e-4) and q.min() > -1e-4 and q.max() < 2**layer.weight_bits - 1 + 1e-4
+    )
 
 
 def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
@@ -53,11 +63,21 @@ def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
 TEACHER = torch.tensor([[0.0, math.log(2), math.log(3)], [0.0, math.log(3), math.log(6)]]) + 1.5
 STUDENT = torch.tensor([[0.0, 0.0, 0.0], [math.log(5), math.log(3), math.log(2)]]) - 2.0
 # KL(teacher || student) = sum_c p_c log(p_c / q_c), averaged over the two samples
-KL_T_S = ((1 / 6) * math.log((1 / 6) / (1 / 3)) + (2 / 6) * math.log((2 / 6) / (1 / 3)) + (3 / 6) * math.log((3 / 6) / (1 / 3))
-          + 0.1 * math.log(0.1 / 0.5) + 0.3 * math.log(0.3 / 0.3) + 0.6 * math.log(0.6 / 0.2)) / 2
+KL_T_S = (
+    (1 / 6) * math.log((1 / 6) / (1 / 3))
+    + (2 / 6) * math.log((2 / 6) / (1 / 3))
+    + (3 / 6) * math.log((3 / 6) / (1 / 3))
+    + 0.1 * math.log(0.1 / 0.5)
+    + 0.3 * math.log(0.3 / 0.3)
+    + 0.6 * math.log(0.6 / 0.2)
+) / 2
 # the other direction, KL(student || teacher), on the same numbers
-KL_S_T = ((1 / 3) * (math.log((1 / 3) / (1 / 6)) + math.log((1 / 3) / (2 / 6)) + math.log((1 / 3) / (3 / 6)))
-          + 0.5 * math.log(0.5 / 0.1) + 0.3 * math.log(0.3 / 0.3) + 0.2 * math.log(0.2 / 0.6)) / 2
+KL_S_T = (
+    (1 / 3) * (math.log((1 / 3) / (1 / 6)) + math.log((1 / 3) / (2 / 6)) + math.log((1 / 3) / (3 / 6)))
+    + 0.5 * math.log(0.5 / 0.1)
+    + 0.3 * math.log(0.3 / 0.3)
+    + 0.2 * math.log(0.2 / 0.6)
+) / 2
 
 
 def test_kl_is_teacher_to_student_hand_computed():
@@ -105,7 +125,10 @@ def test_training_loss_is_kl_teacher_to_student(narrow_resnet):
 
 
 def test_cosine_factor_is_1_then_half_then_0():
-    cosine, constant = _schedule(FinetuneConfig(schedule="cosine"), 10), _schedule(FinetuneConfig(schedule="constant"), 10)
+    cosine, constant = (
+        _schedule(FinetuneConfig(schedule="cosine"), 10),
+        _schedule(FinetuneConfig(schedule="constant"), 10),
+    )
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5, abs=1e-12) and cosine(10) == pytest.approx(0, abs=1e-12)
     assert [constant(k) for k in (0, 5, 10)] == [1.0, 1.0, 1.0]
 
@@ -117,9 +140,11 @@ def test_learning_rates_of_a_real_run_follow_the_schedule(narrow_resnet, tmp_pat
     cosine: lr x 0.5 (1 + cos(pi k / 8)) at step k, i.e. x1 at step 0, x0.5 at step 4, 0 after step 8."""
     used = {"SGD": [], "Adam": []}
     for cls in (torch.optim.SGD, torch.optim.Adam):
+
         def observed(self, *args, _step=cls.step, _name=cls.__name__, **kwargs):
             used[_name].append(self.param_groups[0]["lr"])
             return _step(self, *args, **kwargs)
+
         monkeypatch.setattr(cls, "step", observed)
     images = _images()
     lr, act_lr = 0.01, 0.004
@@ -130,8 +155,15 @@ def test_learning_rates_of_a_real_run_follow_the_schedule(narrow_resnet, tmp_pat
         state = load_torch(tmp_path / "state.pt")
         ends.append((state["opt_w"]["param_groups"][0]["lr"], state["opt_a"]["param_groups"][0]["lr"]))
 
-    finetune(_student(narrow_resnet(), images), narrow_resnet(), images, cfg, checkpoint=tmp_path / "state.pt",
-             on_epoch=after_epoch, progress=False)
+    finetune(
+        _student(narrow_resnet(), images),
+        narrow_resnet(),
+        images,
+        cfg,
+        checkpoint=tmp_path / "state.pt",
+        on_epoch=after_epoch,
+        progress=False,
+    )
     if schedule == "cosine":
         factors = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
         assert factors[0] == 1 and factors[4] == pytest.approx(0.5)
@@ -140,8 +172,10 @@ def test_learning_rates_of_a_real_run_follow_the_schedule(narrow_resnet, tmp_pat
         factors, end, middle = [1.0] * 8, 1.0, 1.0
     assert used["SGD"] == pytest.approx([lr * f for f in factors], rel=1e-9, abs=1e-15)
     assert used["Adam"] == pytest.approx([act_lr * f for f in factors], rel=1e-9, abs=1e-15)
-    assert ends == [pytest.approx((lr * middle, act_lr * middle), abs=1e-12), pytest.approx((lr * end, act_lr * end),
-                                                                                              abs=1e-12)]
+    assert ends == [
+        pytest.approx((lr * middle, act_lr * middle), abs=1e-12),
+        pytest.approx((lr * end, act_lr * end), abs=1e-12),
+    ]
 
 
 @pytest.mark.parametrize("protocol,expected", [("zeroq", 10), ("brecq", 9)])
@@ -149,7 +183,8 @@ def test_bn_affine_parameters_and_step_sizes_are_trained(tiny_bn, protocol, expe
     """Everything the docstring says trains changes in one step, and nothing else is trainable. By hand, for
     the tiny conv-BN-ReLU-conv-BN-ReLU-linear model (convs without bias):
     zeroq (BN kept): conv1.w, bn1.w, bn1.b, conv2.w, bn2.w, bn2.b, fc.w, fc.b + 2 step sizes (after each ReLU) = 10;
-    brecq (BN folded into biased convs): conv1.w/b, conv2.w/b, fc.w/b + 3 step sizes (inputs of conv1, conv2, fc) = 9."""
+    brecq (BN folded into biased convs): conv1.w/b, conv2.w/b, fc.w/b + 3 step sizes (inputs of conv1, conv2, fc)
+    = 9."""
     torch.manual_seed(1)
     images = torch.randn(16, 1, 8, 8)
     teacher = tiny_bn
@@ -163,8 +198,9 @@ def test_bn_affine_parameters_and_step_sizes_are_trained(tiny_bn, protocol, expe
 
     def after_step(epoch, loss):
         seen["trainable"] = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-        seen["scales"] = {n: fq.scale.detach().clone() for n, fq in student.named_modules()
-                          if hasattr(fq, "scale_param")}
+        seen["scales"] = {
+            n: fq.scale.detach().clone() for n, fq in student.named_modules() if hasattr(fq, "scale_param")
+        }
 
     cfg = FinetuneConfig(epochs=1, batch_size=16, lr=0.05, act_lr=0.01, schedule="constant", crop_padding=0, flip=False)
     finetune(student, teacher, images, cfg, on_epoch=after_step, progress=False)
@@ -195,8 +231,14 @@ def test_kl_end_is_the_kl_of_the_stored_model_of_an_int32_bias_cell(narrow_resne
     out = finetune(rounded, teacher, images, cfg, progress=False, int32_biases=True)
     before = finetune(plain, teacher, images, cfg, progress=False)  # the same run, biases where training left them
     assert out["int32_biases"] > 0 and before["int32_biases"] == 0
-    ckpt = {"bits": "w3a3", "protocol": protocol, "weight_scheme": "symmetric", "weight_range": "minmax",
-            "bias": "int32", "state_dict": {k: v.clone() for k, v in rounded.state_dict().items()}}
+    ckpt = {
+        "bits": "w3a3",
+        "protocol": protocol,
+        "weight_scheme": "symmetric",
+        "weight_range": "minmax",
+        "bias": "int32",
+        "state_dict": {k: v.clone() for k, v in rounded.state_dict().items()},
+    }
     stored = load_quantized(_teacher(narrow_resnet), ckpt)
     with torch.no_grad():
         t_logits = teacher(images)
@@ -241,15 +283,23 @@ def test_weights_stay_on_their_grid_and_export_as_integers(narrow_resnet):
     images = _images()
     student = _student(narrow_resnet(), images, 8, 8)
     scales = [m.weight_scale.clone() for m in weight_quantized_layers(student)]
-    finetune(student, narrow_resnet(), images, FinetuneConfig(epochs=2, batch_size=32, lr=0.05, act_lr=1e-3),
-             progress=False)
+    finetune(
+        student, narrow_resnet(), images, FinetuneConfig(epochs=2, batch_size=32, lr=0.05, act_lr=1e-3), progress=False
+    )
     layers = weight_quantized_layers(student)
     assert all(_on_grid(m) for m in layers)
     assert all(torch.equal(m.weight_scale, s) for m, s in zip(layers, scales))  # the grid never moves
-    assert all(fq.scale_param is None and "scale_param" not in dict(fq.named_parameters()) for fq in act_quantizers(student))
+    assert all(
+        fq.scale_param is None and "scale_param" not in dict(fq.named_parameters()) for fq in act_quantizers(student)
+    )
     round_biases(student)
-    ckpt = {"bits": "w8a8", "protocol": "zeroq", "weight_scheme": "symmetric", "weight_range": "minmax",
-            "state_dict": student.state_dict()}
+    ckpt = {
+        "bits": "w8a8",
+        "protocol": "zeroq",
+        "weight_scheme": "symmetric",
+        "weight_range": "minmax",
+        "state_dict": student.state_dict(),
+    }
     again = load_quantized(narrow_resnet(), ckpt)
     x = _images(16) * 0.9
     with torch.no_grad():
@@ -272,8 +322,14 @@ def test_the_stored_model_computes_what_was_trained(narrow_resnet, protocol):
             seen["y"] = student(x)
             seen["negative"] = sum(float(fq.scale_param) < 0 for fq in act_quantizers(student))
 
-    finetune(student, _teacher(narrow_resnet), images, FinetuneConfig(epochs=3, batch_size=16, lr=0.1, act_lr=0.1),
-             on_epoch=last, progress=False)
+    finetune(
+        student,
+        _teacher(narrow_resnet),
+        images,
+        FinetuneConfig(epochs=3, batch_size=16, lr=0.1, act_lr=0.1),
+        on_epoch=last,
+        progress=False,
+    )
     assert seen["negative"] > 0  # the case this guards
     with torch.no_grad():
         assert torch.allclose(student(x), seen["y"], atol=1e-5)
@@ -311,5 +367,10 @@ def test_bad_config_is_one_clear_error(narrow_resnet):
     with pytest.raises(ValueError, match=r"(?s)schedule.*'cosine' or 'constant'.*input_value='step'"):
         FinetuneConfig(schedule="step")  # the config names its field; the schema prefixes finetune.train.
     with pytest.raises(ValueError, match="no images"):
-        finetune(_student(narrow_resnet(), _images()), narrow_resnet(), torch.empty(0, 1, 16, 16), FinetuneConfig(),
-                 progress=False)
+        finetune(
+            _student(narrow_resnet(), _images()),
+            narrow_resnet(),
+            torch.empty(0, 1, 16, 16),
+            FinetuneConfig(),
+            progress=False,
+        )

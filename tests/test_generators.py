@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from dfq.generation.bn_stats import BNInputStats
-from dfq.generation.generators import batch_seed, batch_sizes, gaussian_batch, init_images, optimize_images, ZeroQConfig, zeroq_batch
+from dfq.generation.generators import (
+    ZeroQConfig,
+    batch_seed,
+    batch_sizes,
+    gaussian_batch,
+    init_images,
+    optimize_images,
+    zeroq_batch,
+)
 from dfq.generation.losses import zeroq_loss
 
 
@@ -43,11 +51,13 @@ def test_non_finite_loss_names_the_iteration(tiny_bn):
         return zeroq_loss(x, stats) * float("nan")
 
     with pytest.raises(FloatingPointError, match="batch 3.*iteration 0"):
-        optimize_images(tiny_bn, torch.randn(2, 1, 8, 8), bad, iterations=5, lr=0.1, patience=1, min_lr=0, desc="batch 3")
+        optimize_images(
+            tiny_bn, torch.randn(2, 1, 8, 8), bad, iterations=5, lr=0.1, patience=1, min_lr=0, desc="batch 3"
+        )
 
 
 def test_real_subset_continued_is_disjoint_and_leaves_the_set_unchanged():
-    from dfq.generation.generators import real_subset
+    from dfq.generation.sources import real_subset
 
     pool = torch.arange(100, dtype=torch.float32).view(100, 1)
     first = real_subset(pool, 20, seed=3)

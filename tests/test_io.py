@@ -49,8 +49,6 @@ def test_missing_file(tmp_path):
         load_torch(tmp_path / "nope.pt")
 
 
-
-
 def test_save_torch_is_byte_reproducible(tmp_path):
     from dfq.io import save_torch
 

@@ -61,12 +61,16 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_other_class_count_is_named_with_both_counts():
-    with pytest.raises(ValueError, match=r"w.pt: weights do not match: the model has 3 classes and the weights 10 "
-                                         r"\(linear.weight has 10 outputs\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"w.pt: weights do not match: the model has 3 classes and the weights 10 "
+        r"\(linear.weight has 10 outputs\)",
+    ):
         load_state_dict(build_model("cifar_resnet20", 3), build_model("cifar_resnet20", 10).state_dict(), "w.pt")
     with pytest.raises(ValueError, match="the dataset has 10 classes and the weights 1000 \\(fc.weight"):
-        load_state_dict(build_model("inception_v3", 10), build_model("inception_v3", 1000).state_dict(), "w.pt",
-                        "the dataset")  # two heads (fc, AuxLogits.fc) of the same class count: named by the last
+        load_state_dict(
+            build_model("inception_v3", 10), build_model("inception_v3", 1000).state_dict(), "w.pt", "the dataset"
+        )  # two heads (fc, AuxLogits.fc) of the same class count: named by the last
 
 
 def test_user_arch_whose_call_fails():

@@ -1,4 +1,5 @@
 """Each observer against an independent computation over several calibration batches."""
+
 import pytest
 import torch
 
@@ -75,8 +76,11 @@ def test_percentile_is_averaged_per_batch_and_clips_outliers():
     assert hi.item() == pytest.approx(exp_hi.item(), rel=1e-5)
     # what a plain min/max, one batch or the pooled percentile would give is clearly different
     pooled = torch.cat(xs)
-    for wrong_lo, wrong_hi in [(pooled.min(), pooled.max()), (_sorted_quantile(xs[-1], 0.001), _sorted_quantile(xs[-1], 0.999)),
-                               (_sorted_quantile(pooled, 0.001), _sorted_quantile(pooled, 0.999))]:
+    for wrong_lo, wrong_hi in [
+        (pooled.min(), pooled.max()),
+        (_sorted_quantile(xs[-1], 0.001), _sorted_quantile(xs[-1], 0.999)),
+        (_sorted_quantile(pooled, 0.001), _sorted_quantile(pooled, 0.999)),
+    ]:
         assert abs(lo - wrong_lo) > 0.05 or abs(hi - wrong_hi) > 0.05
 
 
@@ -145,11 +149,11 @@ def test_dsg_range_rule_hand_made():
     from dfq.quant.observers import make_observer
 
     obs = make_observer("dsg")
-    b1 = torch.tensor([[1.0, 2.0, 5.0], [3.0, 4.0, 9.0]])          # mins 1, 3 -> 2; maxs 5, 9 -> 7
-    b2 = torch.tensor([[-4.0, 0.0, 1.0], [-2.0, 0.5, 3.0]])        # mins -4, -2 -> -3; maxs 1, 3 -> 2
+    b1 = torch.tensor([[1.0, 2.0, 5.0], [3.0, 4.0, 9.0]])  # mins 1, 3 -> 2; maxs 5, 9 -> 7
+    b2 = torch.tensor([[-4.0, 0.0, 1.0], [-2.0, 0.5, 3.0]])  # mins -4, -2 -> -3; maxs 1, 3 -> 2
     obs(b1)
     lo, hi = obs.calculate_range(4)
-    assert (lo.item(), hi.item()) == (0.0, 7.0)                     # lo starts at 0, not at 2
+    assert (lo.item(), hi.item()) == (0.0, 7.0)  # lo starts at 0, not at 2
     obs(b2)
     lo, hi = obs.calculate_range(4)
     assert (lo.item(), hi.item()) == (-3.0, 7.0)

@@ -3,6 +3,7 @@
 Checks the metrics files, the MLflow runs (real SQLite database), and DVC's granularity: which stages
 rerun after one param changes.
 """
+
 import json
 import os
 import re
@@ -52,14 +53,27 @@ def repo(tmp_path_factory):
         if f and f != "dvc.lock" and keep and (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
-    tiny = {"data.num_images": 8, "data.real_pool": 64, "data.val_images": 200, "train.epochs": 1, "train.max_images": 2000,
-            "generate.sources": ["zeroq", "real"], "generate.batch_size": 8, "generate.zeroq.iterations": 5,
-            "quantize.bits": ["w8a8", "w2a2"], "evaluate.batch_size": 2000, "export.cells": ["zeroq-s0-w8a8"],
-            "quantize.mixed.cells": []}  # test_mixed_precision_cells adds one
+    tiny = {
+        "data.num_images": 8,
+        "data.real_pool": 64,
+        "data.val_images": 200,
+        "train.epochs": 1,
+        "train.max_images": 2000,
+        "generate.sources": ["zeroq", "real"],
+        "generate.batch_size": 8,
+        "generate.zeroq.iterations": 5,
+        "quantize.bits": ["w8a8", "w2a2"],
+        "evaluate.batch_size": 2000,
+        "export.cells": ["zeroq-s0-w8a8"],
+        "quantize.mixed.cells": [],
+    }  # test_mixed_precision_cells adds one
     for k, v in tiny.items():
         set_param(repo, k, v)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"],
+    ):
         sh(cmd, repo)
     return repo
 
@@ -67,8 +81,12 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env():
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    e.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}", DVC_NO_ANALYTICS="1", TQDM_DISABLE="1",
-             MLFLOW_DISABLE_TELEMETRY="true")
+    e.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        TQDM_DISABLE="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
     return e
 
 
@@ -97,10 +115,20 @@ CELLS = [f"{s}-{k}-{b}" for s in ("zeroq", "real") for k in (0,) for b in ("w8a8
 
 def test_repro_metrics_tracking_and_granularity(repo, env):
     out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == {"data", "fp32", "generate@zeroq-0", "generate@real-0", "diversity@zeroq-0", "diversity@real-0",
-                        "sensitivity@zeroq-0", "sensitivity@real-0",
-                        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS), "export@zeroq-s0-w8a8",
-                        "report", "track"}
+    assert ran(out) == {
+        "data",
+        "fp32",
+        "generate@zeroq-0",
+        "generate@real-0",
+        "diversity@zeroq-0",
+        "diversity@real-0",
+        "sensitivity@zeroq-0",
+        "sensitivity@real-0",
+        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS),
+        "export@zeroq-s0-w8a8",
+        "report",
+        "track",
+    }
     exported = json.loads((repo / "metrics/export/zeroq-s0-w8a8.json").read_text())
     assert (repo / "models/export/zeroq-s0-w8a8.onnx").is_file()
     assert abs(exported["onnx_top1"] - exported["fakequant_top1"]) <= 0.2, exported
@@ -121,8 +149,12 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
             assert 0 <= cells[s, b]["val_top1"] <= cells[s, b]["val_top5"] <= 100
             check_env(cells[s, b]["env"], env)
             for kind in ("calibrate", "diversity"):  # every metrics file says what decided it
-                check_env(json.loads((repo / f"metrics/{kind}/{s}-s0{'-' + b if kind == 'calibrate' else ''}.json")
-                                     .read_text())["env"], env)
+                check_env(
+                    json.loads(
+                        (repo / f"metrics/{kind}/{s}-s0{'-' + b if kind == 'calibrate' else ''}.json").read_text()
+                    )["env"],
+                    env,
+                )
         # a quantized result is judged: 8 bits stay within 3 points of FP32, 2 bits fall far below it
         # (measured on this tiny profile: 8-bit within ~0.3 points, 2-bit 20-50 points below)
         assert abs(cells[s, "w8a8"]["top1"] - fp32["top1"]) < 3, (s, cells[s, "w8a8"], fp32)
@@ -163,8 +195,9 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
         assert per_seed[f"{s}-{b}"].data.metrics["val_top1"] == pytest.approx(c["val_top1"])
         assert per_seed[f"{s}-{b}"].data.metrics["fp32_val_top1"] == pytest.approx(fp32["val_top1"])
         # the run says what decided its numbers: its evaluation's environment as env.* tags
-        assert {k: per_seed[f"{s}-{b}"].data.tags[f"env.{k}"] for k in ("torch", "cpu", "isa", "threads", "device")} \
-            == {k: str(c["env"][k]) for k in ("torch", "cpu", "isa", "threads", "device")}
+        assert {
+            k: per_seed[f"{s}-{b}"].data.tags[f"env.{k}"] for k in ("torch", "cpu", "isa", "threads", "device")
+        } == {k: str(c["env"][k]) for k in ("torch", "cpu", "isa", "threads", "device")}
     ranked = sh([sys.executable, "-m", "cli.compare", "--metric", "val_top1"], repo, env)
     assert f"| zeroq | w8a8 | {cells['zeroq', 'w8a8']['val_top1']:.2f} (1) |" in ranked, ranked
     # the exported cell's run carries its ONNX Runtime metrics, its quant map and the ONNX model itself
@@ -188,8 +221,12 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert len(mlflow_runs(repo)) == 8
 
     # MLflow unreachable: the track stage fails with advice, outputs stay, and the rerun logs once
-    down = {**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+    down = {
+        **env,
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+    }
     r = subprocess.run([sys.executable, "-m", "stages.track"], cwd=repo, env=down, capture_output=True, text=True)
     assert r.returncode != 0 and "cannot reach the MLflow tracking store" in r.stderr and "rerun" in r.stderr
     assert (repo / "metrics/eval/zeroq-s0-w8a8.json").is_file() and (repo / "reports/results.md").is_file()
@@ -200,22 +237,34 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     set_param(repo, "generate.seeds", [0, 1])
     new = [f"{s}-1-{b}" for s in ("zeroq", "real") for b in ("w8a8", "w2a2")]
     assert ran(sh(["dvc", "repro"], repo, env)) == {
-        "generate@zeroq-1", "generate@real-1", "diversity@zeroq-1", "diversity@real-1", "sensitivity@zeroq-1",
-        "sensitivity@real-1", *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in new), "report", "track"}
+        "generate@zeroq-1",
+        "generate@real-1",
+        "diversity@zeroq-1",
+        "diversity@real-1",
+        "sensitivity@zeroq-1",
+        "sensitivity@real-1",
+        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in new),
+        "report",
+        "track",
+    }
     for s in ("zeroq", "real"):  # each seed is its own calibration set
         b0 = torch_load(repo / f"data/calib/{s}-s0/batch_00000.pt")
         assert not torch_equal(b0, torch_load(repo / f"data/calib/{s}-s1/batch_00000.pt"))
     results = (repo / "reports/results.md").read_text()
     w2 = [json.loads((repo / f"metrics/eval/zeroq-s{k}-w2a2.json").read_text())["top1"] for k in (0, 1)]
-    mean, std = sum(w2) / 2, abs(w2[0] - w2[1]) / 2 ** 0.5
+    mean, std = sum(w2) / 2, abs(w2[0] - w2[1]) / 2**0.5
     assert table_row(results, "zeroq")[4].startswith(f"{mean:.2f} ± {std:.2f}")
     assert len(mlflow_runs(repo)) == 8 + 4 + 4  # 4 new per-seed runs, 4 new aggregates (their inputs changed)
 
     # a quantization param reruns calibrate, evaluate, report and track only (not the sensitivity stages)
     set_param(repo, "generate.seeds", [0])
     set_param(repo, "quantize.act_method", "percentile")
-    assert ran(sh(["dvc", "repro"], repo, env)) == {*(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS),
-                                                    "export@zeroq-s0-w8a8", "report", "track"}
+    assert ran(sh(["dvc", "repro"], repo, env)) == {
+        *(f"{st}@{c}" for st in ("calibrate", "evaluate") for c in CELLS),
+        "export@zeroq-s0-w8a8",
+        "report",
+        "track",
+    }
     assert json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())["act_method"] == "percentile"
 
     # reconstruction reads the cached synthetic tensors: switching protocol and rounding never regenerates
@@ -226,8 +275,14 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     set_param(repo, "quantize.rounding", "qdrop")
     set_param(repo, "quantize.reconstruction.iterations", 3)
     out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == {"sensitivity@zeroq-0", "calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8",
-                        "export@zeroq-s0-w8a8", "report", "track"}
+    assert ran(out) == {
+        "sensitivity@zeroq-0",
+        "calibrate@zeroq-0-w8a8",
+        "evaluate@zeroq-0-w8a8",
+        "export@zeroq-s0-w8a8",
+        "report",
+        "track",
+    }
     assert "qdrop reconstruction on 8 images" in out
     cell = json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())
     assert cell["protocol"] == "brecq" and cell["rounding"] == "qdrop"
@@ -247,9 +302,16 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
 
     # a zeroq param reruns zeroq's generation and what follows, not data or fp32
     set_param(repo, "generate.zeroq.iterations", 6)
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate@zeroq-0", "diversity@zeroq-0", "sensitivity@zeroq-0",
-                                                     "calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8",
-                                                     "export@zeroq-s0-w8a8", "report", "track"}
+    assert ran(sh(["dvc", "repro"], repo, env)) == {
+        "generate@zeroq-0",
+        "diversity@zeroq-0",
+        "sensitivity@zeroq-0",
+        "calibrate@zeroq-0-w8a8",
+        "evaluate@zeroq-0-w8a8",
+        "export@zeroq-s0-w8a8",
+        "report",
+        "track",
+    }
 
 
 def test_mixed_precision_cells(repo, env):
@@ -258,8 +320,12 @@ def test_mixed_precision_cells(repo, env):
     sensitivity stage and the mixed cells only."""
     before = len(mlflow_runs(repo))
     set_param(repo, "quantize.mixed.cells", ["mp5a8"])
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"calibrate_mixed@zeroq-0-mp5a8", "evaluate_mixed@zeroq-0-mp5a8",
-                                                     "report", "track"}
+    assert ran(sh(["dvc", "repro"], repo, env)) == {
+        "calibrate_mixed@zeroq-0-mp5a8",
+        "evaluate_mixed@zeroq-0-mp5a8",
+        "report",
+        "track",
+    }
     sens = json.loads((repo / "metrics/sensitivity/zeroq-s0.json").read_text())
     assert [r["name"] for r in sens["layers"] if r["fixed_bits"] == 8] == ["stem.0", "fc"]  # brecq: first, last
     alloc = json.loads((repo / "metrics/calibrate/zeroq-s0-mp5a8.json").read_text())["allocation"]
@@ -285,8 +351,13 @@ def test_mixed_precision_cells(repo, env):
     assert arts == ["allocation/zeroq-s0-mp5a8.md"]
 
     set_param(repo, "quantize.mixed.candidates", [2, 4, 8])
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"sensitivity@zeroq-0", "calibrate_mixed@zeroq-0-mp5a8",
-                                                     "evaluate_mixed@zeroq-0-mp5a8", "report", "track"}
+    assert ran(sh(["dvc", "repro"], repo, env)) == {
+        "sensitivity@zeroq-0",
+        "calibrate_mixed@zeroq-0-mp5a8",
+        "evaluate_mixed@zeroq-0-mp5a8",
+        "report",
+        "track",
+    }
     alloc = json.loads((repo / "metrics/calibrate/zeroq-s0-mp5a8.json").read_text())["allocation"]
     assert {r["bits"] for r in alloc["layers"]} <= {2, 4, 8}
     set_param(repo, "quantize.mixed.cells", [])  # the tests below count the runs of uniform cells only
@@ -304,12 +375,19 @@ def test_finetune_cells(repo, env):
     set_param(repo, "finetune.num_images", 24)
     set_param(repo, "finetune.train.epochs", 2)
     set_param(repo, "finetune.train.batch_size", 8)
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"generate_finetune@zeroq-0", "finetune@zeroq-0-w8a8",
-                                                     "evaluate_finetune@zeroq-0-w8a8", "report", "track"}
+    assert ran(sh(["dvc", "repro"], repo, env)) == {
+        "generate_finetune@zeroq-0",
+        "finetune@zeroq-0-w8a8",
+        "evaluate_finetune@zeroq-0-w8a8",
+        "report",
+        "track",
+    }
     extra = sorted(p.name for p in (repo / "data/finetune/zeroq-s0").glob("batch_*.pt"))
     assert extra == ["batch_00001.pt", "batch_00002.pt"]  # the calibration set's batch 0, continued
-    assert not torch_equal(torch_load(repo / "data/calib/zeroq-s0/batch_00000.pt"),
-                           torch_load(repo / "data/finetune/zeroq-s0/batch_00001.pt"))
+    assert not torch_equal(
+        torch_load(repo / "data/calib/zeroq-s0/batch_00000.pt"),
+        torch_load(repo / "data/finetune/zeroq-s0/batch_00001.pt"),
+    )
     ft = json.loads((repo / "metrics/finetune/zeroq-s0-w8a8-ft.json").read_text())
     assert ft["images"] == 24 and len(ft["loss_per_epoch"]) == 2 and ft["steps"] == 6 and ft["finetune_from"] == "qdrop"
     cell = json.loads((repo / "metrics/eval/zeroq-s0-w8a8-ft.json").read_text())
@@ -324,13 +402,18 @@ def test_finetune_cells(repo, env):
     assert tuned.data.metrics["top1"] == pytest.approx(cell["top1"])
 
     set_param(repo, "finetune.train.epochs", 60)
-    assert ran(sh(["dvc", "repro"], repo, env)) == {"finetune@zeroq-0-w8a8", "evaluate_finetune@zeroq-0-w8a8",
-                                                     "report", "track"}
+    assert ran(sh(["dvc", "repro"], repo, env)) == {
+        "finetune@zeroq-0-w8a8",
+        "evaluate_finetune@zeroq-0-w8a8",
+        "report",
+        "track",
+    }
     whole = torch_load(repo / "models/quant/zeroq-s0-w8a8-ft.pt")["state_dict"]
     # kill the stage (SIGKILL, its whole process group) once its first epoch checkpoint exists, then rerun it
     cmd = [sys.executable, "-m", "stages.finetune", "zeroq-s0", "w8a8"]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 120
     while not list((repo / ".dfq-scratch/finetune").glob("*/state.pt")) and time.time() < deadline:
         assert proc.poll() is None, "the fine-tuning ended before its first checkpoint was seen"
@@ -348,14 +431,18 @@ def test_finetune_cells(repo, env):
     assert ran(sh(["dvc", "repro"], repo, env)) == {"report", "track"}
 
 
-def check_env(got, env, _threads={}):
+_THREADS: dict = {}  # the thread count the stages ran with, read once per session
+
+
+def check_env(got, env, _threads=_THREADS):
     """A metrics file's env against values read here: torch's version, /proc/cpuinfo's model name, the thread
     count the stages ran with (DFQ_THREADS, else torch's default in a fresh process), the device."""
     import torch
 
     if "n" not in _threads:  # once per session
         _threads["n"] = int(env.get("DFQ_THREADS") or 0) or int(
-            sh([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], ROOT, env).strip())
+            sh([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], ROOT, env).strip()
+        )
     assert got["torch"] == torch.__version__ and got["threads"] == _threads["n"], got
     assert got["device"] == env.get("DFQ_DEVICE", "cpu") and got["isa"], got
     model = re.search(r"^model name\s*:\s*(.+?)\s*$", Path("/proc/cpuinfo").read_text(), re.M)
@@ -396,8 +483,26 @@ def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
     all log to the main repo's SQLite database (absolute path from DVC_ROOT)."""
     before = len(mlflow_runs(repo))
     sh(["mlflow", "db", "upgrade", f"sqlite:///{repo / 'mlflow.db'}"], repo, env)  # create before workers
-    sh(["dvc", "exp", "run", "--queue", "-S", "generate.dsg.eps=0.5,0.9", "-S", "generate.sources=[dsg]",
-        "-S", "generate.seeds=[0]", "-S", "generate.dsg.iterations=5", "-S", "export.cells=[]"], repo, env)
+    sh(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            "generate.dsg.eps=0.5,0.9",
+            "-S",
+            "generate.sources=[dsg]",
+            "-S",
+            "generate.seeds=[0]",
+            "-S",
+            "generate.dsg.iterations=5",
+            "-S",
+            "export.cells=[]",
+        ],
+        repo,
+        env,
+    )
     sh(["dvc", "queue", "start", "-j", "2"], repo, env)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -418,8 +523,11 @@ def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
 def s3_server():
     """A real S3 API (moto's server) on 127.0.0.1, started here and stopped by its pid."""
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url, proc, 60, "moto_server")
@@ -434,8 +542,9 @@ def test_share_through_an_s3_remote(repo, env, tmp_path, s3_server):
     boto3 = pytest.importorskip("boto3")
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     s3env = {**env, **creds}
-    s3 = boto3.client("s3", endpoint_url=s3_server, **{k.lower(): v for k, v in creds.items() if "KEY" in k},
-                      region_name="us-east-1")
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_server, **{k.lower(): v for k, v in creds.items() if "KEY" in k}, region_name="us-east-1"
+    )
     s3.create_bucket(Bucket="dfq-cache")
 
     def use_s3(where):

@@ -4,7 +4,15 @@ from torch import nn
 
 from dfq.fp32.models import build_model
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import NothingQuantizedError, act_quantizers, calibrate, load_calibrated, QuantSpec, prepare, summary
+from dfq.quant.prepare import (
+    NothingQuantizedError,
+    QuantSpec,
+    act_quantizers,
+    calibrate,
+    load_calibrated,
+    prepare,
+    summary,
+)
 
 
 class MethodRelu(nn.Module):
@@ -86,8 +94,15 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("arch,shape", [("fmnist_resnet", (4, 1, 28, 28)), ("cifar_resnet20", (4, 3, 32, 32)),
-                                        ("resnet18", (2, 3, 64, 64)), ("mobilenet_v2", (2, 3, 64, 64))])
+@pytest.mark.parametrize(
+    "arch,shape",
+    [
+        ("fmnist_resnet", (4, 1, 28, 28)),
+        ("cifar_resnet20", (4, 3, 32, 32)),
+        ("resnet18", (2, 3, 64, 64)),
+        ("mobilenet_v2", (2, 3, 64, 64)),
+    ],
+)
 def test_brecq_protocol_bn_folding_keeps_fp32_outputs(arch, shape):
     from dfq.quant.prepare import set_quant_state
 
@@ -147,8 +162,8 @@ GRID_KEEPING_METHODS = {"view", "reshape", "flatten", "contiguous", "relu"}
 def _origin(node, modules):
     """('fq', quantizer) | ('acc', None) for a conv/linear output | ('other', node), walking back through
     grid-keeping ops."""
-    from dfq.quant.prepare import QUANT_TYPES
     from dfq.quant.fake_quant import ActFakeQuantize
+    from dfq.quant.prepare import QUANT_TYPES
 
     while True:
         mod = modules.get(node.target) if node.op == "call_module" else None
@@ -156,9 +171,11 @@ def _origin(node, modules):
             return "fq", mod
         if isinstance(mod, QUANT_TYPES):
             return "acc", None
-        keeps = (isinstance(mod, (nn.MaxPool2d, nn.Identity, nn.ReLU, nn.ReLU6, nn.Flatten))
-                 or (node.op == "call_function" and getattr(node.target, "__name__", "") in GRID_KEEPING_FUNCTIONS)
-                 or (node.op == "call_method" and node.target in GRID_KEEPING_METHODS))
+        keeps = (
+            isinstance(mod, (nn.MaxPool2d, nn.Identity, nn.ReLU, nn.ReLU6, nn.Flatten))
+            or (node.op == "call_function" and getattr(node.target, "__name__", "") in GRID_KEEPING_FUNCTIONS)
+            or (node.op == "call_method" and node.target in GRID_KEEPING_METHODS)
+        )
         if not keeps:
             return "other", node
         node = node.args[0]
@@ -169,8 +186,15 @@ def _on_act_grid(t: torch.Tensor, fq) -> bool:
     return bool((q - q.round()).abs().max() < 1e-3 and q.min() > -1e-3 and q.max() < 2**fq.bits - 1 + 1e-3)
 
 
-@pytest.mark.parametrize("arch,shape", [("fmnist_resnet", (4, 1, 28, 28)), ("cifar_resnet20", (4, 3, 32, 32)),
-                                        ("resnet18", (2, 3, 64, 64)), ("mobilenet_v2", (2, 3, 64, 64))])
+@pytest.mark.parametrize(
+    "arch,shape",
+    [
+        ("fmnist_resnet", (4, 1, 28, 28)),
+        ("cifar_resnet20", (4, 3, 32, 32)),
+        ("resnet18", (2, 3, 64, 64)),
+        ("mobilenet_v2", (2, 3, 64, 64)),
+    ],
+)
 def test_brecq_protocol_every_conv_linear_and_add_reads_quantized_tensors(arch, shape):
     """Hooks the inputs of every conv, linear and add of a prepared, calibrated brecq-protocol model:
     each lies on the grid of the quantizer it comes from; the only FP32 inputs are conv/linear outputs
@@ -191,8 +215,11 @@ def test_brecq_protocol_every_conv_linear_and_add_reads_quantized_tensors(arch, 
         for node in list(g.graph.nodes):
             if node.op == "call_module" and isinstance(modules[node.target], QUANT_TYPES):
                 origin = [_origin(node.args[0], modules)]
-                hooks.append(modules[node.target].register_forward_pre_hook(
-                    lambda m, a, o=origin, n=node.name: checks.append(("layer", n, o, [a[0]]))))
+                hooks.append(
+                    modules[node.target].register_forward_pre_hook(
+                        lambda m, a, o=origin, n=node.name: checks.append(("layer", n, o, [a[0]]))
+                    )
+                )
             elif node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
                 origin = [_origin(a, modules) for a in node.args[:2]]
 
@@ -225,8 +252,8 @@ def test_brecq_protocol_every_conv_linear_and_add_reads_quantized_tensors(arch, 
 def test_mse_weight_range_in_prepare_and_checkpoint(protocol):
     """prepare searches every layer's per-channel range (a different grid from min-max), and the
     checkpoint's weight_range rebuilds the same model."""
-    from dfq.quant.prepare import load_quantized, weight_quantized_layers
     from dfq.quant.fake_quant import weight_qparams
+    from dfq.quant.prepare import load_quantized, weight_quantized_layers
 
     model = _randomize_bn(build_model("fmnist_resnet", 10))
     x = torch.randn(8, 1, 28, 28)
@@ -243,3 +270,21 @@ def test_mse_weight_range_in_prepare_and_checkpoint(protocol):
     assert all(m.weight_range == "mse" for m in weight_quantized_layers(again))
     with torch.no_grad():
         assert torch.equal(again(x), gm(x))
+
+
+def test_old_checkpoints_load_with_the_defaults_of_their_time(tiny_bn, tmp_path):
+    """A checkpoint older than the protocol / weight_scheme / weight_range / bias fields (plain tensors and dicts)
+    loads as zeroq, asymmetric, minmax, float biases: the values of that time, written here by hand."""
+    from dfq.io import load_torch, save_torch
+    from dfq.quant.prepare import load_quantized, weight_quantized_layers
+
+    assert QuantSpec.of_checkpoint({}) == QuantSpec("zeroq", "asymmetric", "minmax", "float")
+    assert QuantSpec.of_checkpoint({"protocol": "brecq", "bias": "int32"}) == QuantSpec("brecq", bias="int32")
+    gm = prepare(tiny_bn, 4, 4, MinMaxObserver)  # today's defaults are those of old checkpoints too
+    calibrate(gm, [torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))])
+    old = {"source": "zeroq-s0", "bits": "w4a4", "state_dict": gm.state_dict()}  # no quantizer fields at all
+    save_torch(old, tmp_path / "old.pt")
+    loaded = load_quantized(tiny_bn, load_torch(tmp_path / "old.pt"))
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert all(m.weight_scheme == "asymmetric" and m.weight_range == "minmax" for m in weight_quantized_layers(loaded))
+    assert torch.equal(loaded(x), gm.eval()(x))

@@ -80,8 +80,9 @@ def test_quant_conv_uses_quantized_weight(bits, scheme):
     ql = QuantLinear(lin, bits, scheme)
     v = torch.randn(5, 6)
     with torch.no_grad():
-        assert torch.allclose(ql(v), v @ _independent_fake_quant_weight(lin.weight, bits, scheme).T + lin.bias,
-                              rtol=1e-5, atol=1e-5)
+        assert torch.allclose(
+            ql(v), v @ _independent_fake_quant_weight(lin.weight, bits, scheme).T + lin.bias, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_symmetric_weights_are_signed_integers_with_zero_point_zero():

@@ -1,4 +1,5 @@
 """Real models and folders: the shared CIFAR-10 ResNet-20, ImageFolder manifests, class-count checks."""
+
 import json
 from pathlib import Path
 
@@ -8,14 +9,16 @@ from PIL import Image
 
 from dfq.fp32.datasets import InputSpec, ManifestDataset, folder_manifest, folder_transform, open_eval_dataset
 from dfq.fp32.evaluate import evaluate, make_loader
-from dfq.io import load_torch
 from dfq.fp32.models import build_model, check_classes, count_bn, input_spec, load_state_dict
+from dfq.io import load_torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CKPT = SHARED / "models" / "resnet20-12fca82f.th"
 CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test"
-needs_shared = pytest.mark.skipif(not (CKPT.is_file() and CIFAR_TEST.is_dir()),
-                                  reason="../shared (CIFAR-10 JPEGs + ResNet-20 checkpoint) is not beside the repo")
+needs_shared = pytest.mark.skipif(
+    not (CKPT.is_file() and CIFAR_TEST.is_dir()),
+    reason="../shared (CIFAR-10 JPEGs + ResNet-20 checkpoint) is not beside the repo",
+)
 
 
 def make_folder(root: Path, classes=("cat", "dog", "emu"), per_class=2, size=(40, 30)):

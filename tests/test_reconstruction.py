@@ -2,8 +2,16 @@ import pytest
 import torch
 
 from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import act_quantizers, calibrate, find_blocks, QuantSpec, prepare, set_quant_state, weight_quantized_layers
-from dfq.quant.reconstruction import ReconConfig, beta_at, capture, reconstruct, recon_units, unit_error
+from dfq.quant.prepare import (
+    QuantSpec,
+    act_quantizers,
+    calibrate,
+    find_blocks,
+    prepare,
+    set_quant_state,
+    weight_quantized_layers,
+)
+from dfq.quant.reconstruction import ReconConfig, beta_at, capture, recon_units, reconstruct, unit_error
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +24,9 @@ def _on_grid(layer) -> bool:
     s = layer.weight_scale.view(-1, *([1] * (layer.weight.dim() - 1)))
     z = layer.weight_zero_point.view_as(s).float()
     q = layer.weight.detach() / s + z
-    return bool(torch.all((q - q.round()).abs() < 1e-3) and q.min() > -1e-3 and q.max() < 2**layer.weight_bits - 1 + 1e-3)
+    return bool(
+        torch.all((q - q.round()).abs() < 1e-3) and q.min() > -1e-3 and q.max() < 2**layer.weight_bits - 1 + 1e-3
+    )
 
 
 def test_units_are_blocks_plus_outer_layers_or_every_layer(narrow_resnet):
@@ -71,8 +81,9 @@ def test_block_output_error_lower_than_nearest_rounding_in_the_quantized_model(d
     set_quant_state(fp32, weights=False, acts=False)
     for name in recon_units(recon, layerwise=False)[1:-1]:
         target = capture(fp32, name, data, output=True)
-        errors = [((capture(gm, name, data, output=True) - target).square().sum(1).mean()).item()
-                  for gm in (nearest, recon)]
+        errors = [
+            ((capture(gm, name, data, output=True) - target).square().sum(1).mean()).item() for gm in (nearest, recon)
+        ]
         assert errors[1] < errors[0], (name, errors)
 
 
@@ -130,7 +141,9 @@ def test_every_target_is_the_untouched_fp32_output(data, method, narrow_resnet, 
     fp32 = prepare(model, 2, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     set_quant_state(fp32, weights=False, acts=False)
     units = recon_units(gm, layerwise=method == "adaround")
-    assert [n for n, _ in targets][:len(units)] == units and len(targets) == len(units) * (2 if method == "brecq" else 1)
+    assert [n for n, _ in targets][: len(units)] == units and len(targets) == len(units) * (
+        2 if method == "brecq" else 1
+    )
     for name, y in targets:
         assert torch.equal(y, capture(fp32, name, data, output=True)), name
     # the reconstructed model with quantization switched off is no longer the FP32 model (its weights are
@@ -150,8 +163,10 @@ def test_qdrop_drops_only_while_reconstructing(data, narrow_resnet):
     model = narrow_resnet()
     gm = prepare(model, 3, 4, MinMaxObserver, QuantSpec(protocol="brecq"))
     during = []
-    hooks = [fq.register_forward_hook(lambda m, a, o: during.append(m.drop_prob) if torch.is_grad_enabled() else None)
-             for fq in act_quantizers(gm)]
+    hooks = [
+        fq.register_forward_hook(lambda m, a, o: during.append(m.drop_prob) if torch.is_grad_enabled() else None)
+        for fq in act_quantizers(gm)
+    ]
     reconstruct(gm, data, "qdrop", ReconConfig(iterations=20, batch_size=16, drop_prob=0.5))
     for h in hooks:
         h.remove()

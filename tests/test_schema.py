@@ -1,4 +1,5 @@
 """At least 30 distinct bad inputs, each rejected with a message naming the param and what is allowed."""
+
 import copy
 import re
 from pathlib import Path
@@ -8,7 +9,8 @@ import torch
 import yaml
 
 from dfq.fp32.models import build_model
-from dfq.pipeline.schema import ParamsError, check_model, check_paths, validate
+from dfq.pipeline.checks import check_model
+from dfq.pipeline.schema import ParamsError, check_paths, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -52,12 +54,20 @@ BAD = [
     ("generate.zeroq.iterations", 0, "generate.zeroq.iterations: Input should be greater than 0"),
     ("generate.zeroq.iterations", 1.5, "generate.zeroq.iterations: Input should be a valid integer"),
     ("generate.zeroq.lr", -0.5, "generate.zeroq.lr: Input should be greater than 0"),
-    ("generate.zeroq.init", "normal", "generate.zeroq.init: unknown init 'normal'; allowed: gaussian, uniform, zeroq_uniform"),
+    (
+        "generate.zeroq.init",
+        "normal",
+        "generate.zeroq.init: unknown init 'normal'; allowed: gaussian, uniform, zeroq_uniform",
+    ),
     ("generate.zeroq.extra", 1, "generate.zeroq.extra: Extra inputs"),
     ("generate.dsg.eps", 1.5, "generate.dsg.eps: Input should be less than or equal to 1"),
     ("generate.dsg.eps", -0.1, "generate.dsg.eps: Input should be greater than or equal to 0"),
     ("generate.dsg.batch_multiple", 2, "generate.dsg.batch_multiple: Extra inputs"),
-    ("generate.dsg.margin_probe", "real", "generate.dsg.margin_probe: unknown margin_probe 'real'; allowed: gaussian, uniform, init"),
+    (
+        "generate.dsg.margin_probe",
+        "real",
+        "generate.dsg.margin_probe: unknown margin_probe 'real'; allowed: gaussian, uniform, init",
+    ),
     ("generate.dsg.lse_tied", 0, "generate.dsg.lse_tied: Input should be greater than 0"),
     ("generate.dsg.label_weight", -1, "generate.dsg.label_weight: Input should be greater than or equal to 0"),
     ("generate.dsg.jitter", -2, "generate.dsg.jitter: Input should be greater than or equal to 0"),
@@ -73,7 +83,11 @@ BAD = [
     ("quantize.bits", ["w1a1"], "bits='w1a1' is invalid"),
     ("quantize.bits", ["w8a8", "w8a8"], "quantize.bits: bit-widths repeat"),
     ("quantize.bits", [], "quantize.bits: List should have at least 1 item"),
-    ("quantize.bits", ["w4a4", "mp4a4"], "quantize.bits: 'mp4a4' is a mixed-precision cell: list it in quantize.mixed.cells"),
+    (
+        "quantize.bits",
+        ["w4a4", "mp4a4"],
+        "quantize.bits: 'mp4a4' is a mixed-precision cell: list it in quantize.mixed.cells",
+    ),
     ("quantize.mixed", DELETE, "quantize.mixed: Field required"),
     ("quantize.mixed.budget", 4, "quantize.mixed.budget: Extra inputs"),
     ("quantize.mixed.cells", ["mp9a4"], "quantize.mixed.cells: mixed cell 'mp9a4' is invalid; expected 'mp<B>a<A>'"),
@@ -85,13 +99,25 @@ BAD = [
     ("quantize.mixed.cells", ["mp4a4", "mp3a4", "mp4a4"], "quantize.mixed.cells: 'mp4a4' repeated"),
     ("quantize.mixed.cells", "mp4a4", "quantize.mixed.cells: Input should be a valid list"),
     ("quantize.mixed.candidates", [], "quantize.mixed.candidates: List should have at least 1 item"),
-    ("quantize.mixed.candidates", [1, 4], "quantize.mixed.candidates: candidate weight bit-widths must be distinct integers in 2..8 (got [1, 4])"),
+    (
+        "quantize.mixed.candidates",
+        [1, 4],
+        "quantize.mixed.candidates: candidate weight bit-widths must be distinct integers in 2..8 (got [1, 4])",
+    ),
     ("quantize.mixed.candidates", [4, 9], "quantize.mixed.candidates: candidate weight bit-widths must be distinct"),
     ("quantize.mixed.candidates", [4, 4, 8], "quantize.mixed.candidates: candidate weight bit-widths must be distinct"),
     ("quantize.mixed.candidates", [2, 4.5], "quantize.mixed.candidates.1: Input should be a valid integer"),
-    ("quantize.mixed.candidates", [6, 8], "quantize.mixed.cells: 'mp4a4' asks for 4 average weight bits, outside the "
-                                          "range of quantize.mixed.candidates (6..8 bits)"),
-    ("quantize.act_method", "max", "quantize.act_method: unknown act_method 'max'; allowed: minmax, ema, dsg, percentile, mse"),
+    (
+        "quantize.mixed.candidates",
+        [6, 8],
+        "quantize.mixed.cells: 'mp4a4' asks for 4 average weight bits, outside the "
+        "range of quantize.mixed.candidates (6..8 bits)",
+    ),
+    (
+        "quantize.act_method",
+        "max",
+        "quantize.act_method: unknown act_method 'max'; allowed: minmax, ema, dsg, percentile, mse",
+    ),
     ("quantize.percentile", 120, "quantize.percentile: Input should be less than or equal to 100"),
     ("quantize.ema_momentum", 1.0, "quantize.ema_momentum: Input should be less than 1"),
     ("quantize.protocol", "tensorrt", "quantize.protocol: Input should be 'zeroq' or 'brecq'"),
@@ -100,7 +126,11 @@ BAD = [
     ("quantize.bias", "int8", "quantize.bias: Input should be 'int32' or 'float'"),
     ("quantize.reconstruction.iterations", 0, "quantize.reconstruction.iterations: Input should be greater than 0"),
     ("quantize.reconstruction.warmup", 1.0, "quantize.reconstruction.warmup: Input should be less than 1"),
-    ("quantize.reconstruction.drop_prob", 1.5, "quantize.reconstruction.drop_prob: Input should be less than or equal to 1"),
+    (
+        "quantize.reconstruction.drop_prob",
+        1.5,
+        "quantize.reconstruction.drop_prob: Input should be less than or equal to 1",
+    ),
     ("quantize.reconstruction.lambda", 0.01, "quantize.reconstruction.lambda: Extra inputs"),
     ("evaluate.batch_size", 0, "evaluate.batch_size: Input should be greater than 0"),
     ("track.experiment", "", "track.experiment: String should have at least 1 character"),
@@ -152,10 +182,17 @@ def test_at_least_30_bad_inputs():
 # Every weight of a loss term or regulariser, with its least allowed value: the DSG terms (LSE's tied-layer
 # weight counts at least once), AdaRound's rounding regulariser, the weight decays of training and fine-tuning.
 LOSS_WEIGHTS = [
-    ("generate.dsg.tv_weight", 0), ("generate.dsg.l2_weight", 0), ("generate.dsg.label_weight", 0),
-    ("generate.dsg.lse_weight", 1), ("generate.dsg_code.tv_weight", 0), ("generate.dsg_code.l2_weight", 0),
-    ("generate.dsg_code.label_weight", 0), ("generate.dsg_code.lse_weight", 1),
-    ("quantize.reconstruction.reg_weight", 0), ("train.weight_decay", 0), ("finetune.train.weight_decay", 0),
+    ("generate.dsg.tv_weight", 0),
+    ("generate.dsg.l2_weight", 0),
+    ("generate.dsg.label_weight", 0),
+    ("generate.dsg.lse_weight", 1),
+    ("generate.dsg_code.tv_weight", 0),
+    ("generate.dsg_code.l2_weight", 0),
+    ("generate.dsg_code.label_weight", 0),
+    ("generate.dsg_code.lse_weight", 1),
+    ("quantize.reconstruction.reg_weight", 0),
+    ("train.weight_decay", 0),
+    ("finetune.train.weight_decay", 0),
 ]
 
 
@@ -178,7 +215,10 @@ def test_missing_paths_are_named(tmp_path):
     with pytest.raises(ParamsError, match="model.weights=nowhere/w.pt: not found"):
         check_paths(validate(p), [tmp_path])
     p = with_change("data.dataset", "imagefolder")
-    p["data"].update(test_dir="missing/test", train_dir="missing/train", )
+    p["data"].update(
+        test_dir="missing/test",
+        train_dir="missing/train",
+    )
     p["model"]["weights"] = "torchvision"
     with pytest.raises(ParamsError, match="data.test_dir=missing/test: not found"):
         check_paths(validate(p), [tmp_path])
@@ -193,8 +233,14 @@ def test_imagefolder_without_weights_cannot_train(tmp_path):
 
 
 def ten_to_three():
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
 
 
 def test_class_count_mismatch_before_repro(tmp_path):
@@ -256,8 +302,14 @@ def _image_folder(root: Path, classes=("cat", "dog", "emu"), per_class=2) -> Non
 
 
 def ten_outputs():
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 10),
+    )
 
 
 def test_dataset_and_weights_class_counts_are_named(tmp_path):
@@ -277,14 +329,16 @@ def test_dataset_and_weights_class_counts_are_named(tmp_path):
         check_model(validate(p), [tmp_path])
     assert str(err.value).startswith(
         "params.yaml: model.weights=w10.pt: weights do not match: the ImageFolder data.test_dir=test has 3 classes and "
-        "the weights 10 (linear.weight has 10 outputs)"), str(err.value)
+        "the weights 10 (linear.weight has 10 outputs)"
+    ), str(err.value)
     assert "size mismatch" not in str(err.value)
     p["model"]["weights"] = "w3.pt"  # weights for the folder's 3 classes pass
     check_model(validate(p), [tmp_path])
     # a user model with a 10-class head and no weights: the same folder, named
     p["model"].update(arch="tests.test_schema:ten_outputs", weights=None)
-    with pytest.raises(ParamsError, match=re.escape("the model predicts 10 classes but the ImageFolder "
-                                                    "data.test_dir=test has 3")):
+    with pytest.raises(
+        ParamsError, match=re.escape("the model predicts 10 classes but the ImageFolder data.test_dir=test has 3")
+    ):
         check_model(validate(p), [tmp_path])
 
 
@@ -294,8 +348,13 @@ def test_repeated_sources_are_rejected():
 
 
 def test_export_cells_are_named_cells():
-    assert validate(GOOD).export.cells == ["gaussian-s0-w8a8", "zeroq-s0-w8a8", "dsg-s0-w8a8", "dsg_code-s0-w8a8",
-                                              "real-s0-w8a8"]
+    assert validate(GOOD).export.cells == [
+        "gaussian-s0-w8a8",
+        "zeroq-s0-w8a8",
+        "dsg-s0-w8a8",
+        "dsg_code-s0-w8a8",
+        "real-s0-w8a8",
+    ]
     assert validate(with_change("export.cells", [])).export.cells == []
     assert validate(with_change("export", DELETE)).export.cells == []  # profiles without the group export nothing
     with pytest.raises(ParamsError, match=r"export.cells: cell 'zeroq-w8a8' is not <source>-s<seed>-<bits>\[-ft\]"):
@@ -342,10 +401,11 @@ def test_finetune_cells_must_be_calibrated_and_have_their_images():
     p["export"]["cells"] = ["zeroq-s0-w4a4-ft"]  # a fine-tuned cell exports like any other
     validate(p)
     for key, value, message in [
-            ("finetune.bits", ["w3a3"], "finetune.bits: 'w3a3': list calibrated cells"),
-            ("finetune.bits", [], "finetune.bits: []: list calibrated cells"),
-            ("finetune.num_images", 100, "finetune.num_images=100 is below data.num_images=256"),
-            ("finetune.num_images", 4096, "finetune.num_images=4096 is larger than data.real_pool=2048")]:
+        ("finetune.bits", ["w3a3"], "finetune.bits: 'w3a3': list calibrated cells"),
+        ("finetune.bits", [], "finetune.bits: []: list calibrated cells"),
+        ("finetune.num_images", 100, "finetune.num_images=100 is below data.num_images=256"),
+        ("finetune.num_images", 4096, "finetune.num_images=4096 is larger than data.real_pool=2048"),
+    ]:
         bad = copy.deepcopy(p)
         bad["finetune"][key.split(".")[1]] = value
         with pytest.raises(ParamsError, match=re.escape(message)):

@@ -1,4 +1,5 @@
 """Per-layer sensitivity and the exact mixed-precision allocation (dfq/quant/sensitivity.py)."""
+
 import copy
 import itertools
 
@@ -8,11 +9,27 @@ import torch
 import torch.nn.functional as F
 
 from dfq.io import load_torch, save_torch
-from dfq.quant.observers import MinMaxObserver
-from dfq.quant.prepare import calibrate, layer_bits, load_quantized, QuantSpec, prepare, weight_quantized_layers, weight_size
 from dfq.quant.fake_quant import fake_quantize, weight_qparams
-from dfq.quant.sensitivity import (allocate, allocate_cell, budget_bits, frontier_of, frontier_table, load_measurement,
-                             measure, pareto_frontier)
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import (
+    QuantSpec,
+    calibrate,
+    layer_bits,
+    load_quantized,
+    prepare,
+    weight_quantized_layers,
+    weight_size,
+)
+from dfq.quant.sensitivity import (
+    allocate,
+    allocate_cell,
+    budget_bits,
+    frontier_of,
+    frontier_table,
+    load_measurement,
+    measure,
+    pareto_frontier,
+)
 
 CANDIDATES = [2, 3, 4, 6, 8]
 
@@ -74,8 +91,13 @@ def brute_force(costs, params, cands):
     """Every choice: (size, cost, bits)."""
     out = []
     for combo in itertools.product(range(len(cands)), repeat=len(params)):
-        out.append((sum(n * cands[j] for n, j in zip(params, combo)), sum(c[j] for c, j in zip(costs, combo)),
-                    [cands[j] for j in combo]))
+        out.append(
+            (
+                sum(n * cands[j] for n, j in zip(params, combo)),
+                sum(c[j] for c, j in zip(costs, combo)),
+                [cands[j] for j in combo],
+            )
+        )
     return out
 
 
@@ -130,8 +152,17 @@ def test_mixed_model_has_the_allocated_bits_and_round_trips(zeroq_sens, batches,
     assert weight_size(gm)["weight_mb"] == pytest.approx(sum(r["params"] * r["bits"] for r in alloc["layers"]) / 8e6)
     calibrate(gm, batches)
     path = tmp_path / "mp.pt"
-    save_torch({"bits": "mp3.5a4", "protocol": "zeroq", "weight_scheme": "asymmetric", "weight_range": "minmax",
-                "layer_bits": per_layer, "state_dict": gm.state_dict()}, path)
+    save_torch(
+        {
+            "bits": "mp3.5a4",
+            "protocol": "zeroq",
+            "weight_scheme": "asymmetric",
+            "weight_range": "minmax",
+            "layer_bits": per_layer,
+            "state_dict": gm.state_dict(),
+        },
+        path,
+    )
     again = load_quantized(narrow_resnet(), load_torch(path))
     assert layer_bits(again) == per_layer
     with torch.no_grad():
@@ -200,7 +231,7 @@ def test_a_mixed_cell_exports_with_its_own_bits_per_layer(zeroq_sens, batches, n
     """ONNX Runtime runs a mixed model (each layer its own grid, stored in int8) with the fake-quant logits."""
     from dfq.deploy.qdq import to_onnx
     from dfq.deploy.runtime import run, session
-    from dfq.quant.prepare import round_biases
+    from dfq.quant.bias import round_biases
 
     per_layer, _ = allocate_cell(zeroq_sens, "mp3.5a8")
     gm = prepare(narrow_resnet(), 8, 8, MinMaxObserver, QuantSpec("zeroq", "symmetric"), layer_bits=per_layer)

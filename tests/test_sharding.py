@@ -1,5 +1,6 @@
 """Sharded generation with torchrun (2 CPU processes, gloo) and resume after kill -9, through the real
 generate stage in a scratch working directory."""
+
 import os
 import shutil
 import signal
@@ -13,7 +14,8 @@ import torch
 import yaml
 
 from dfq.fp32.models import build_model, save_checkpoint
-from dfq.generation.sharding import my_batches, scratch_key
+from dfq.generation.sharding import my_batches
+from dfq.provenance import scratch_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +43,13 @@ def workdir(tmp_path):
     params["generate"]["zeroq"]["iterations"] = 40
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     torch.manual_seed(0)
-    save_checkpoint(build_model("fmnist_resnet"), "fmnist_resnet", 10,
-                    {"shape": [1, 28, 28], "mean": [0.286], "std": [0.353]}, tmp_path / "models/fp32.pt")
+    save_checkpoint(
+        build_model("fmnist_resnet"),
+        "fmnist_resnet",
+        10,
+        {"shape": [1, 28, 28], "mean": [0.286], "std": [0.353]},
+        tmp_path / "models/fp32.pt",
+    )
     for code in ("dfq", "stages"):
         shutil.copytree(ROOT / code, tmp_path / code, ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
@@ -50,8 +57,15 @@ def workdir(tmp_path):
 
 def run(workdir, procs=1, **kw):
     env = {**os.environ, "DFQ_THREADS": "1", "DFQ_GEN_PROCS": str(procs), "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "stages.generate", "zeroq", "0"], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.generate", "zeroq", "0"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def batches(workdir):

@@ -1,13 +1,15 @@
 """The non-optimising sources and the initialisation: `gaussian` and `real` calibration sets as the
 generate stage writes them (sharding.make_batches + assemble), calibration on them, and ZeroQ's
 uniform init. (BN-statistic sources are tested in test_generators.py / test_dsg.py.)"""
+
 import json
 
 import pytest
 import torch
 
 from dfq.generation import sharding
-from dfq.generation.generators import PlainConfig, batch_seed, generate_batch, init_images
+from dfq.generation.generators import batch_seed, init_images
+from dfq.generation.sources import PlainConfig, generate_batch
 from dfq.io import load_torch
 from dfq.quant.observers import MinMaxObserver
 from dfq.quant.prepare import calibrate, prepare
@@ -85,8 +87,11 @@ def test_calibration_on_gaussian_and_real_sets(tmp_path, narrow_resnet):
         with torch.no_grad():
             conv, bn, relu = (gm.get_submodule(f"stem.{i}") for i in range(3))  # fake-quant conv, BN, nn.ReLU
             stem = torch.cat([relu(bn(conv(x))) for x in batches])
-        first = next(gm.get_submodule(n.target) for n in gm.graph.nodes  # the quantizer after stem.2 (nn.ReLU)
-                     if n.op == "call_module" and n.args and getattr(n.args[0], "target", None) == "stem.2")
+        first = next(
+            gm.get_submodule(n.target)
+            for n in gm.graph.nodes  # the quantizer after stem.2 (nn.ReLU)
+            if n.op == "call_module" and n.args and getattr(n.args[0], "target", None) == "stem.2"
+        )
         assert first.scale.item() == pytest.approx(stem.max().item() / 255, rel=1e-6)
         assert int(first.zero_point) == 0
         scales[source] = first.scale.item()

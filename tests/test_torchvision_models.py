@@ -1,6 +1,7 @@
 """Every registered torchvision arch, with random weights at small input sizes: built as torchvision's
 pretrained builder builds it, preprocessed as its DEFAULT weights expect, BN statistics only of layers
 that run, one generation step; inception_v3 also prepared, calibrated and run quantized."""
+
 import math
 
 import pytest
@@ -8,10 +9,10 @@ import torch
 import torchvision
 from torch import nn
 
-from dfq.generation.bn_stats import BNInputStats
-from dfq.tracing import bn_layers
 from dfq.fp32.datasets import InputSpec, folder_transform
 from dfq.fp32.models import TORCHVISION_ARCHS, build_model, count_bn, input_spec, load_torchvision_weights
+from dfq.generation.bn_stats import BNInputStats
+from dfq.tracing import bn_layers
 
 SIZE = {"inception_v3": 80}  # the smallest input Inception3's stem and pooling accept is 75 px; others 64
 
@@ -56,8 +57,11 @@ def test_input_spec_is_the_default_weights_preprocessing(arch):
 def test_bn_layers_are_exactly_those_an_eval_forward_runs(arch):
     model = build_model(arch, 10).eval()
     ran = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a: ran.append(mod)) for m in model.modules()
-             if isinstance(m, nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, a: ran.append(mod))
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         model(_input(arch))
     for h in hooks:
@@ -87,7 +91,7 @@ def test_one_dsg_generation_step(arch):
 @pytest.mark.parametrize("protocol", ["zeroq", "brecq"])
 def test_inception_v3_prepare_calibrate_forward(protocol):
     from dfq.quant.observers import MinMaxObserver
-    from dfq.quant.prepare import calibrate, find_blocks, QuantSpec, prepare, summary
+    from dfq.quant.prepare import QuantSpec, calibrate, find_blocks, prepare, summary
 
     torch.manual_seed(0)
     model = build_model("inception_v3", 10).eval()

@@ -1,4 +1,5 @@
 """Real MLflow against a temporary SQLite database (no mocks)."""
+
 import pytest
 
 from dfq.pipeline.tracking import HASH_TAG, Cell, TrackingError, default_tracking_uri, log_cells
@@ -17,9 +18,16 @@ def _environment_restored(monkeypatch):
 
 
 def cells(top1=90.0):
-    return [Cell(run_name=f"zeroq-{b}", params={"source": "zeroq", "bits": b, "quantize": {"act_method": "minmax"}},
-                 metrics={"top1": top1, "top5": 99.0}, tags={"source": "zeroq", "bits": b},
-                 inputs={"data_md5": "abc"}) for b in ("w8a8", "w4a4")]
+    return [
+        Cell(
+            run_name=f"zeroq-{b}",
+            params={"source": "zeroq", "bits": b, "quantize": {"act_method": "minmax"}},
+            metrics={"top1": top1, "top5": 99.0},
+            tags={"source": "zeroq", "bits": b},
+            inputs={"data_md5": "abc"},
+        )
+        for b in ("w8a8", "w4a4")
+    ]
 
 
 def runs(uri):
@@ -76,8 +84,9 @@ def test_compare_across_experiments_and_the_experiment_kind(tmp_path):
 
     def cell(exp, seed, top1, extra=None):
         tags = {"dvc_exp_name": exp, "source": "dsg", "bits": "w4a4", "seed": str(seed), **(extra or {})}
-        return Cell(run_name=f"{exp}-{seed}", params={"seed": seed, "exp": exp, "v": top1}, metrics={"top1": top1},
-                    tags=tags)
+        return Cell(
+            run_name=f"{exp}-{seed}", params={"seed": seed, "exp": exp, "v": top1}, metrics={"top1": top1}, tags=tags
+        )
 
     log_cells([cell(e, k, v) for (e, k), v in values.items()], **kw)
     log_cells([cell("a", "mean", 99.0, {"aggregate": "true"}), cell("b", 1, 79.0)], **kw)  # b-1 logged again
@@ -100,10 +109,17 @@ def test_artifacts_land_under_their_folder(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "results.md").write_text("| a |\n")
     (tmp_path / "cell.onnx").write_bytes(b"onnx")
-    c = Cell(run_name="zeroq-s0-w8a8", params={"source": "zeroq"}, metrics={"top1": 90.0, "onnx_top1": 90.1},
-             tags={"source": "zeroq"},
-             artifacts=[str(tmp_path / "results.md"), (str(tmp_path / "cell.onnx"), "model"),
-                        (str(tmp_path / "missing.md"), "reports")])
+    c = Cell(
+        run_name="zeroq-s0-w8a8",
+        params={"source": "zeroq"},
+        metrics={"top1": 90.0, "onnx_top1": 90.1},
+        tags={"source": "zeroq"},
+        artifacts=[
+            str(tmp_path / "results.md"),
+            (str(tmp_path / "cell.onnx"), "model"),
+            (str(tmp_path / "missing.md"), "reports"),
+        ],
+    )
     log_cells([c], uri=uri, experiment="t", artifact_location=(tmp_path / "art").as_uri())
     client = mlflow.tracking.MlflowClient(uri)
     run_id = runs(uri)[0].info.run_id
@@ -122,8 +138,13 @@ def test_texts_are_logged_and_leave_other_hashes_alone(tmp_path):
     c = cells()[0]
     old = json.dumps({"params": c.params, "metrics": c.metrics, "inputs": c.inputs}, sort_keys=True)
     assert c.input_hash() == hashlib.sha256(old.encode()).hexdigest()
-    mixed = Cell(run_name="zeroq-s0-mp4a4", params={"bits": "mp4a4"}, metrics={"top1": 90.0}, tags={"bits": "mp4a4"},
-                 texts={"allocation/zeroq-s0-mp4a4.md": "| layer | bits |\n|---|---|\n| fc | 8 |\n"})
+    mixed = Cell(
+        run_name="zeroq-s0-mp4a4",
+        params={"bits": "mp4a4"},
+        metrics={"top1": 90.0},
+        tags={"bits": "mp4a4"},
+        texts={"allocation/zeroq-s0-mp4a4.md": "| layer | bits |\n|---|---|\n| fc | 8 |\n"},
+    )
     assert mixed.input_hash() != Cell(mixed.run_name, mixed.params, mixed.metrics, mixed.tags).input_hash()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log_cells([mixed], uri=uri, experiment="t", artifact_location=(tmp_path / "art").as_uri())
@@ -139,9 +160,17 @@ def test_mixed_run_extras_and_cell_params(tmp_path):
     from dfq.pipeline.paths import calibrate_stage
     from dfq.pipeline.tracking import cell_quantize_params, mixed_run_extras
 
-    alloc = {"budget_avg_bits": 4.0, "budget_bits": 40, "avg_bits": 3.9, "kl_sum": 0.0123, "allocatable_params": 10,
-             "layers": [{"name": "stem.0", "params": 4, "bits": 6, "kl": 0.01, "fixed": False},
-                        {"name": "fc", "params": 6, "bits": 2, "kl": 0.0023, "fixed": False}]}
+    alloc = {
+        "budget_avg_bits": 4.0,
+        "budget_bits": 40,
+        "avg_bits": 3.9,
+        "kl_sum": 0.0123,
+        "allocatable_params": 10,
+        "layers": [
+            {"name": "stem.0", "params": 4, "bits": 6, "kl": 0.01, "fixed": False},
+            {"name": "fc", "params": 6, "bits": 2, "kl": 0.0023, "fixed": False},
+        ],
+    }
     (tmp_path / "zeroq-s1-mp4a4.json").write_text(json.dumps({"seconds": 1.0, "allocation": alloc}))
     metrics, artifacts, texts = mixed_run_extras("zeroq-s1-mp4a4", tmp_path, "reports/sensitivity")
     assert metrics == {"avg_weight_bits_allocatable": 3.9, "allocation_kl_sum": 0.0123}
@@ -158,28 +187,54 @@ def test_mixed_run_extras_and_cell_params(tmp_path):
 def test_validation_metrics_env_tags_and_compare_by_val_top1(tmp_path, monkeypatch, capsys):
     """A cell's run carries val_top1/val_top5 beside top1 and its metrics file's env as env.* tags (None left out);
     `python -m cli.compare --metric val_top1` ranks the experiments by the validation split."""
-    from dfq.pipeline.tracking import accuracy_metrics, env_tags, fp32_metrics
     from cli import compare
+    from dfq.pipeline.tracking import accuracy_metrics, env_tags, fp32_metrics
 
     fp32 = {"top1": 92.0, "top5": 99.8, "val_top1": 95.0, "val_top5": 99.9, "env": {"threads": 1}}
     assert fp32_metrics(fp32) == {"fp32_top1": 92.0, "fp32_top5": 99.8, "fp32_val_top1": 95.0, "fp32_val_top5": 99.9}
     assert fp32_metrics({"top1": 92.0, "top5": 99.8}) == {"fp32_top1": 92.0, "fp32_top5": 99.8}
     cell = {"top1": 90.5, "top5": 99.0, "val_top1": 93.25, "val_top5": 99.5, "env": {}}
-    assert accuracy_metrics(cell, fp32) == {"top1": 90.5, "top5": 99.0, "val_top1": 93.25, "val_top5": 99.5,
-                                            "top1_drop": 1.5}
+    assert accuracy_metrics(cell, fp32) == {
+        "top1": 90.5,
+        "top5": 99.0,
+        "val_top1": 93.25,
+        "val_top5": 99.5,
+        "top1_drop": 1.5,
+    }
     assert accuracy_metrics({"top1": 90.5, "top5": 99.0, "val_top1": float("nan")}, fp32) == {
-        "top1": 90.5, "top5": 99.0, "top1_drop": 1.5}  # a cell measured before the split (NaN in the table)
-    env = {"torch": "2.14.1+cpu", "cuda": None, "cpu": "Some CPU @ 2.0GHz", "isa": "AVX2", "threads": 2, "device": "cpu"}
+        "top1": 90.5,
+        "top5": 99.0,
+        "top1_drop": 1.5,
+    }  # a cell measured before the split (NaN in the table)
+    env = {
+        "torch": "2.14.1+cpu",
+        "cuda": None,
+        "cpu": "Some CPU @ 2.0GHz",
+        "isa": "AVX2",
+        "threads": 2,
+        "device": "cpu",
+    }
     tags = env_tags(env)
-    assert tags == {"env.torch": "2.14.1+cpu", "env.cpu": "Some CPU @ 2.0GHz", "env.isa": "AVX2", "env.threads": "2",
-                    "env.device": "cpu"}
+    assert tags == {
+        "env.torch": "2.14.1+cpu",
+        "env.cpu": "Some CPU @ 2.0GHz",
+        "env.isa": "AVX2",
+        "env.threads": "2",
+        "env.device": "cpu",
+    }
     assert env_tags(float("nan")) == {} and env_tags(None) == {}
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    runs_ = [Cell(run_name=f"{e}-{k}", params={"e": e, "k": k},
-                  metrics=accuracy_metrics({"top1": 80.0 + k, "top5": 99.0, "val_top1": v + k, "val_top5": 99.0}, fp32),
-                  tags={"dvc_exp_name": e, "source": "zeroq", "bits": "w4a4", "seed": str(k), **tags})
-             for e, v in (("a", 70.0), ("b", 75.0)) for k in (0, 1)]
+    runs_ = [
+        Cell(
+            run_name=f"{e}-{k}",
+            params={"e": e, "k": k},
+            metrics=accuracy_metrics({"top1": 80.0 + k, "top5": 99.0, "val_top1": v + k, "val_top5": 99.0}, fp32),
+            tags={"dvc_exp_name": e, "source": "zeroq", "bits": "w4a4", "seed": str(k), **tags},
+        )
+        for e, v in (("a", 70.0), ("b", 75.0))
+        for k in (0, 1)
+    ]
     log_cells(runs_, uri=uri, experiment="t", artifact_location=(tmp_path / "art").as_uri())
     logged = runs(uri)
     assert all(r.data.tags["env.isa"] == "AVX2" and r.data.tags["env.threads"] == "2" for r in logged)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dfq.quant.bias import input_quantizer
 from dfq.quant.fake_quant import ActFakeQuantize, QuantConv2d, QuantLinear, weight_integers
-from dfq.quant.prepare import input_quantizer
 
 
 class _ExportAct(nn.Module):

@@ -5,6 +5,7 @@ The Debian package ``dataset-fashion-mnist`` ships the four gzipped IDX files un
 ``<root>/FashionMNIST/raw`` layout, so we unpack them there (a cache folder) and let torchvision parse
 them. When the files are absent and ``download`` is allowed, torchvision downloads them (online users).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dfq.io import load_torch
+from dfq.io import load_torch, save_json, save_torch
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -27,8 +28,16 @@ FASHION_MNIST_TRAIN_IMAGES = 60000  # the training set: the real pool and the va
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 NO_DATA_HELP = (
@@ -116,8 +125,9 @@ def load_fashion_mnist(root: str | Path, cache: str | Path, download: bool = Fal
     return (train.data.clone(), train.targets.clone()), (test.data.clone(), test.targets.clone())
 
 
-def split_indices(n: int, pool: int, val: int, seed: int, pool_param: str = "data.real_pool",
-                  val_param: str = "data.val_images") -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(
+    n: int, pool: int, val: int, seed: int, pool_param: str = "data.real_pool", val_param: str = "data.val_images"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (sorted) of the real calibration pool and of the validation split among ``n`` training images.
 
     One seeded permutation ``randperm(n, Generator().manual_seed(seed))``: the pool is its first ``pool``
@@ -136,12 +146,14 @@ def split_indices(n: int, pool: int, val: int, seed: int, pool_param: str = "dat
     if pool > n:
         raise ValueError(f"{pool_param}={pool} exceeds the {n} training images")
     if pool + val > n:
-        raise ValueError(f"{val_param}={val}: the validation split and the real pool ({pool} images, {pool_param}) "
-                         f"need {pool + val} distinct training images, only {n} exist: lower {val_param} (0: no "
-                         "validation split)")
+        raise ValueError(
+            f"{val_param}={val}: the validation split and the real pool ({pool} images, {pool_param}) "
+            f"need {pool + val} distinct training images, only {n} exist: lower {val_param} (0: no "
+            "validation split)"
+        )
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
-    return perm[:pool].sort().values, perm[pool:pool + val].sort().values
+    return perm[:pool].sort().values, perm[pool : pool + val].sort().values
 
 
 def calibration_subset(images: torch.Tensor, num_images: int, seed: int, param: str = "data.real_pool") -> torch.Tensor:
@@ -243,3 +255,66 @@ class NormalizedTensorDataset(torch.utils.data.Dataset):
         idx = torch.as_tensor(idx)
         x = self.spec.normalize(self.images[idx])
         return list(zip(x, self.labels[idx]))
+
+
+@dataclass
+class Prepared:
+    """What the data stage prepared: the input spec, class names, the real pool (normalised), eval/val counts."""
+
+    spec: InputSpec
+    classes: list[str]
+    pool: torch.Tensor
+    eval_images: int
+    val_images: int
+
+
+def prepare_fashion_mnist(root: Path, download: bool, out: Path, pool: int, val: int, seed: int) -> Prepared:
+    """Fashion-MNIST's IDX files as uint8 tensors in ``out``/{train,eval,val}: the training and test sets, and the
+    validation split (``val`` training images disjoint from the real pool of ``pool``, ``split_indices``).
+
+    Args:
+        root: the IDX files' folder (Debian's dataset-fashion-mnist).
+        download: download with torchvision when the files are missing.
+        out: the output folder, with train/, eval/ and val/ subfolders.
+        pool: data.real_pool: training images kept for the real calibration source.
+        val: data.val_images: the validation split's size (0: none).
+        seed: data.seed: the permutation both are drawn from.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dfq-fmnist-") as cache:
+        (xtr, ytr), (xte, yte) = load_fashion_mnist(Path(root).expanduser(), cache, download)
+    save_torch({"images": xtr, "labels": ytr}, out / "train" / "train.pt")
+    save_torch({"images": xte, "labels": yte}, out / "eval" / "test.pt")
+    pick, keep = split_indices(len(xtr), pool, val, seed)
+    calib = FASHION_MNIST_SPEC.normalize(xtr[pick])  # = calibration_subset(xtr, pool, seed), as before
+    save_torch({"images": xtr[keep], "labels": ytr[keep]}, out / "val" / "val.pt")
+    return Prepared(FASHION_MNIST_SPEC, list(FASHION_MNIST_CLASSES), calib, len(xte), len(keep))
+
+
+def prepare_image_folders(
+    test_dir: Path, train_dir: Path, resize: int | None, spec: InputSpec, out: Path, pool: int, val: int, seed: int
+) -> Prepared:
+    """<dir>/<class>/<image> folders read in place through manifests in ``out``/{train,eval,val}; the real pool
+    (at most the whole training folder) decoded and normalised, the validation split as a manifest.
+
+    Args:
+        test_dir: the evaluation images (data.test_dir).
+        train_dir: the images the real pool and the validation split are drawn from (data.train_dir).
+        resize: shorter side before the center crop (None: per model; 0: none).
+        spec: the model's input spec.
+        out: the output folder, with train/, eval/ and val/ subfolders.
+        pool: data.real_pool (capped to the folder's size).
+        val: data.val_images.
+        seed: data.seed.
+    """
+    test, train = folder_manifest(test_dir, "data.test_dir"), folder_manifest(train_dir, "data.train_dir")
+    save_json({**test, "resize": resize}, out / "eval" / "manifest.json")
+    save_json({**train, "resize": resize}, out / "train" / "manifest.json")
+    n = min(pool, len(train["files"]))  # a small folder: all of it
+    param = "data.real_pool" if n == pool else f"data.real_pool={pool} capped to the folder"
+    pick, keep = split_indices(len(train["files"]), n, val, seed, param)
+    save_json({**train, "files": [train["files"][i] for i in keep], "resize": resize}, out / "val" / "manifest.json")
+    folder = ManifestDataset(train, folder_transform(spec, resize), spec.shape[0])
+    calib = torch.stack([folder[int(i)][0] for i in pick])
+    return Prepared(spec, test["classes"], calib, len(test["files"]), len(keep))

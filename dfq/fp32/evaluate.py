@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from dfq.fp32.datasets import open_eval_dataset
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,3 +46,39 @@ def make_loader(dataset, batch_size: int, workers: int = 0):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, persistent_workers=False
     )
+
+
+def split_accuracy(
+    model: nn.Module,
+    spec,
+    prepared: str | Path,
+    batch_size: int,
+    device="cpu",
+    workers: int = 0,
+    desc: str = "evaluate",
+) -> dict:
+    """Top-1/top-5 % of ``model`` on the test set (``<prepared>/eval``: top1, top5) and on the validation split
+    (``<prepared>/val``: val_top1, val_top5; absent when the data stage drew none). FileNotFoundError when the
+    prepared folder predates the validation split.
+
+    Args:
+        model: the model to evaluate (FP32 or fake quant).
+        spec: its input spec (``dfq.fp32.datasets.InputSpec``).
+        prepared: the data stage's output folder (eval/ and val/ in it).
+        batch_size: evaluation batch.
+        device: where the model runs.
+        workers: DataLoader worker processes.
+        desc: the progress bar's label.
+    """
+    if not Path(prepared, "val").is_dir():
+        raise FileNotFoundError(
+            f"{prepared}/val: missing (written by the data stage since data.val_images): rerun "
+            "the data stage (dvc repro data)"
+        )
+    out = {}
+    for split, prefix in (("eval", ""), ("val", "val_")):
+        data = open_eval_dataset(Path(prepared, split), spec)
+        if split == "eval" or len(data):  # an empty test set is an error (evaluate), no validation split is not
+            m = evaluate(model, make_loader(data, batch_size, workers), device, desc=f"{desc} ({split})")
+            out.update({f"{prefix}top1": m["top1"], f"{prefix}top5": m["top5"]})
+    return out

@@ -5,14 +5,15 @@ blocks (16/32/64 channels, stride 2 at stages 2 and 3) and 1x1-conv + BN shortcu
 changes. With one block per stage it has 9 BatchNorm2d layers. Blocks use functional ``F.relu`` (as
 the common CIFAR ResNets do) and the stem uses an ``nn.ReLU`` module, so the quantizer must find both.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.tracing import bn_layers
 from dfq.io import load_torch, save_torch
+from dfq.tracing import bn_layers
 
 
 class BasicBlock(nn.Module):
@@ -134,7 +135,8 @@ def _torchvision(name: str):
 
 ARCHS = {
     "fmnist_resnet": lambda num_classes=10: FMNISTResNet(1, num_classes),
-    **{f"cifar_resnet{d}": (lambda d: lambda num_classes=10: CifarResNet(d, num_classes))(d) for d in (20, 32, 44, 56)},
+    # the outer lambda binds each depth d (ruff's B023 cannot see that)
+    **{f"cifar_resnet{d}": (lambda d: lambda num_classes=10: CifarResNet(d, num_classes))(d) for d in (20, 32, 44, 56)},  # noqa: B023
     **{name: _torchvision(name) for name in TORCHVISION_ARCHS},
 }
 
@@ -153,8 +155,12 @@ def torchvision_spec(arch: str) -> dict:
     import torchvision
 
     t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
-    return {"shape": [3, t.crop_size[0], t.crop_size[0]], "mean": list(t.mean), "std": list(t.std),
-            "resize": int(t.resize_size[0])}
+    return {
+        "shape": [3, t.crop_size[0], t.crop_size[0]],
+        "mean": list(t.mean),
+        "std": list(t.std),
+        "resize": int(t.resize_size[0]),
+    }
 
 
 def input_spec(arch: str) -> dict | None:
@@ -214,7 +220,7 @@ def class_count_mismatch(model: nn.Module, state: dict) -> tuple[int, int, str] 
     sizes = {(a[0], b[0]) for _, a, b in diff}
     if len(sizes) != 1:
         return None
-    (mine, theirs), = sizes
+    ((mine, theirs),) = sizes
     key = next((k for k, a, _ in reversed(diff) if len(a) >= 2), diff[-1][0])  # the last such weight: the head
     return mine, theirs, key
 
@@ -234,9 +240,11 @@ def load_state_dict(model: nn.Module, state: dict, source: str, classes_from: st
         classes = class_count_mismatch(model, state)
         if classes:
             mine, theirs, key = classes
-            raise ValueError(f"{source}: weights do not match: {classes_from} has {mine} classes and the weights "
-                             f"{theirs} ({key} has {theirs} outputs): use weights trained for these classes, or "
-                             f"data with {theirs} classes") from exc
+            raise ValueError(
+                f"{source}: weights do not match: {classes_from} has {mine} classes and the weights "
+                f"{theirs} ({key} has {theirs} outputs): use weights trained for these classes, or "
+                f"data with {theirs} classes"
+            ) from exc
         raise ValueError(f"{source}: weights do not match the architecture: {exc}") from exc
     return model
 
@@ -269,8 +277,10 @@ def check_classes(model: nn.Module, spec: dict, num_classes: int, classes_from: 
     names where that count came from, e.g. an ImageFolder's param and folder)."""
     out = output_classes(model, spec)
     if out != num_classes:
-        raise ValueError(f"class-count mismatch: the model predicts {out} classes but {classes_from} has {num_classes} "
-                         "(check model.arch/model.weights against data.*)")
+        raise ValueError(
+            f"class-count mismatch: the model predicts {out} classes but {classes_from} has {num_classes} "
+            "(check model.arch/model.weights against data.*)"
+        )
 
 
 def load_torchvision_weights(model: nn.Module, arch: str, classes_from: str = "the model") -> nn.Module:
@@ -281,6 +291,8 @@ def load_torchvision_weights(model: nn.Module, arch: str, classes_from: str = "t
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         state = weights.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:  # offline with an empty hub cache, or an unknown arch
-        raise ValueError(f"model.weights=torchvision: cannot get pretrained {arch} weights ({exc}); put them in the "
-                         "torch hub cache or give model.weights a local file") from exc
+        raise ValueError(
+            f"model.weights=torchvision: cannot get pretrained {arch} weights ({exc}); put them in the "
+            "torch hub cache or give model.weights a local file"
+        ) from exc
     return load_state_dict(model, state, f"model.weights=torchvision ({arch})", classes_from)

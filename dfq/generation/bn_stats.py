@@ -5,6 +5,7 @@ from execution order, which pairing convolutions with BNs by position is not.
 For an input a (B, C, H, W): m[b, c] = mean_hw a[b, c], s[b, c] = sqrt(var_hw a[b, c] + 1e-6)
 (population variance over H x W, the estimator BN itself normalises with).
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,12 +63,14 @@ class _ShiftedMoments(torch.autograd.Function):
 def channel_counts(activations: list[torch.Tensor]) -> torch.Tensor:
     """(sum C_i,) the number of spatial positions H_i W_i, repeated for each channel of each activation."""
     a0 = activations[0]
-    return torch.cat([torch.full((a.shape[1],), float(a.shape[2:].numel()), dtype=a0.dtype, device=a0.device)
-                      for a in activations])
+    return torch.cat(
+        [torch.full((a.shape[1],), float(a.shape[2:].numel()), dtype=a0.dtype, device=a0.device) for a in activations]
+    )
 
 
-def shifted_moments(activations: list[torch.Tensor], shift: torch.Tensor,
-                    counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_moments(
+    activations: list[torch.Tensor], shift: torch.Tensor, counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, sum C_i) raw moments E[y], E[y^2] over H x W of y_i = a_i - shift_i, every (B, C_i, H_i, W_i)
     activation a_i at once (``shift``: (sum C_i,), the per-channel shifts side by side; ``counts``:
     ``channel_counts(activations)``, passed in by callers that cache it)."""
@@ -200,8 +203,12 @@ class BNInputStats:
         per-iteration losses pay for it once."""
         hit = self._cache.get(id(values))
         if hit is None or hit[0] is not values:
-            flat = torch.cat([torch.as_tensor(v, dtype=mu.dtype, device=mu.device).expand(mu.shape)
-                              for v, mu in zip(values, self.running_mean)])
+            flat = torch.cat(
+                [
+                    torch.as_tensor(v, dtype=mu.dtype, device=mu.device).expand(mu.shape)
+                    for v, mu in zip(values, self.running_mean)
+                ]
+            )
             hit = self._cache[id(values)] = (values, flat)
         return hit[1]
 

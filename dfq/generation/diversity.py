@@ -8,6 +8,7 @@
 (b) Feature similarity: mean pairwise cosine similarity of the penultimate-layer features (the input
     of the last Linear layer) over all distinct pairs of the set; lower means more diverse.
 """
+
 from __future__ import annotations
 
 from typing import Iterable

@@ -3,13 +3,14 @@
 Every batch is made from its own seed, derived from (seed, global batch index), so a batch never
 depends on which process made it or on which batches were made before it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import math
 import time
-from typing import Callable, Iterator, Literal, Optional, Union
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 from pydantic import ConfigDict, Field, field_validator
@@ -22,7 +23,6 @@ from dfq.generation.losses import dsg_loss, lse_weights, sda_margins, zeroq_loss
 
 INITS = ("gaussian", "uniform", "zeroq_uniform")
 PROBES = ("gaussian", "uniform", "init")
-SOURCES = ("gaussian", "zeroq", "dsg", "real")
 _CONFIG = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
 
 
@@ -30,13 +30,6 @@ def _one_of(value: str, allowed: tuple[str, ...], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
     return value
-
-
-@dataclass(config=_CONFIG, frozen=True)
-class PlainConfig:
-    """gaussian (N(0, 1) noise) and real (a seeded draw from the real pool): nothing to tune."""
-
-    method: Optional[Literal["gaussian", "real"]] = None
 
 
 @dataclass(config=_CONFIG, frozen=True)
@@ -79,10 +72,6 @@ class DSGConfig(ZeroQConfig):
     @classmethod
     def _known_probe(cls, v: str) -> str:
         return _one_of(v, PROBES, "margin_probe")
-
-
-SourceConfig = Union[PlainConfig, ZeroQConfig, DSGConfig]
-CONFIGS = {"gaussian": PlainConfig, "real": PlainConfig, "zeroq": ZeroQConfig, "dsg": DSGConfig}
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -210,8 +199,9 @@ def zeroq_batch(
         desc: progress-bar label.
     """
     x0 = init_images(cfg.init, shape, torch.Generator().manual_seed(seed)).to(device)
-    x, info = optimize_images(model, x0, zeroq_loss, iterations=cfg.iterations, lr=cfg.lr, patience=cfg.patience,
-                              min_lr=cfg.min_lr, desc=desc)
+    x, info = optimize_images(
+        model, x0, zeroq_loss, iterations=cfg.iterations, lr=cfg.lr, patience=cfg.patience, min_lr=cfg.min_lr, desc=desc
+    )
     return x.cpu(), info
 
 
@@ -241,8 +231,17 @@ def margin_probe(probe: str, shape: tuple[int, ...], seed: int, x0: torch.Tensor
 
 
 @torch.no_grad()
-def compute_margins(model: nn.Module, shape: tuple[int, ...], seed: int, eps: float, per_channel: bool, device="cpu",
-                    probe: str = "gaussian", x0: torch.Tensor | None = None, unbiased_std: bool = False):
+def compute_margins(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    seed: int,
+    eps: float,
+    per_channel: bool,
+    device="cpu",
+    probe: str = "gaussian",
+    x0: torch.Tensor | None = None,
+    unbiased_std: bool = False,
+):
     """SDA margins: the eps-quantile of |stat - BN stat| over one forward pass of the probe batch.
 
     Args:
@@ -260,6 +259,22 @@ def compute_margins(model: nn.Module, shape: tuple[int, ...], seed: int, eps: fl
     with frozen(model), BNInputStats(model).to(device) as stats:
         model(x)
         return sda_margins(stats, eps, per_channel, unbiased_std)
+
+
+def _dsg_loss_fn(cfg: DSGConfig, margins, weights, g: torch.Generator) -> LossFn:
+    """DSG's loss of one batch as ``optimize_images`` calls it: the random labels drawn once (at the first call,
+    from the model's class count) and a new jitter offset per call, both from the batch's extras generator."""
+    labels = []
+
+    def loss_fn(x, stats, logits):
+        if cfg.label_weight and not labels:  # drawn once per batch, uniformly over the model's classes
+            labels.append(torch.randint(logits.shape[1], (len(x),), generator=g).to(logits.device))
+        offset = int(torch.randint(-cfg.jitter, cfg.jitter, (1,), generator=g)) if cfg.jitter else 0
+        extras = dict(label_weight=cfg.label_weight, tv_weight=cfg.tv_weight, l2_weight=cfg.l2_weight)
+        extras.update(labels=labels[0] if labels else None, offset=offset, unbiased_std=cfg.unbiased_std)
+        return dsg_loss(x, stats, margins, weights, logits, **extras)
+
+    return loss_fn
 
 
 def dsg_batch(
@@ -290,79 +305,17 @@ def dsg_batch(
     """
     num_layers = len(BNInputStats(model))
     x0 = init_images(cfg.init, shape, torch.Generator().manual_seed(seed)).to(device)
-    margins = (compute_margins(model, shape, seed, cfg.eps, cfg.per_channel, device, cfg.margin_probe, x0,
-                               cfg.unbiased_std) if cfg.sda else None)
+    margins = None
+    if cfg.sda:
+        probe, unbiased = cfg.margin_probe, cfg.unbiased_std
+        margins = compute_margins(model, shape, seed, cfg.eps, cfg.per_channel, device, probe, x0, unbiased)
     weights = lse_weights(shape[0], num_layers, cfg.lse_weight, cfg.lse_tied).to(device) if cfg.lse else None
-    g = torch.Generator().manual_seed(extras_seed(seed))
-    labels = []
-
-    def loss_fn(x, stats, logits):
-        if cfg.label_weight and not labels:  # drawn once per batch, uniformly over the model's classes
-            labels.append(torch.randint(logits.shape[1], (len(x),), generator=g).to(logits.device))
-        offset = int(torch.randint(-cfg.jitter, cfg.jitter, (1,), generator=g)) if cfg.jitter else 0
-        return dsg_loss(x, stats, margins, weights, logits, labels=labels[0] if labels else None,
-                        label_weight=cfg.label_weight, tv_weight=cfg.tv_weight, l2_weight=cfg.l2_weight, offset=offset,
-                        unbiased_std=cfg.unbiased_std)
-
-    x, info = optimize_images(model, x0, loss_fn, iterations=cfg.iterations, lr=cfg.lr, patience=cfg.patience,
-                              min_lr=cfg.min_lr, desc=desc)
+    loss_fn = _dsg_loss_fn(cfg, margins, weights, torch.Generator().manual_seed(extras_seed(seed)))
+    x, info = optimize_images(
+        model, x0, loss_fn, iterations=cfg.iterations, lr=cfg.lr, patience=cfg.patience, min_lr=cfg.min_lr, desc=desc
+    )
     saved = None
     if margins is not None:
-        saved = {"mean": [m.cpu() for m in margins[0]], "std": [g.cpu() for g in margins[1]],
-                 "eps": cfg.eps, "per_channel": cfg.per_channel, "probe": cfg.margin_probe}
+        mean, std = [m.cpu() for m in margins[0]], [g.cpu() for g in margins[1]]
+        saved = {"mean": mean, "std": std, "eps": cfg.eps, "per_channel": cfg.per_channel, "probe": cfg.margin_probe}
     return x.cpu(), info, saved
-
-
-def method_of(source: str, group: dict) -> str:
-    """A source's generation method: its params group's ``method`` key, else its own name."""
-    method = group.get("method", source)
-    if method not in SOURCES:
-        raise ValueError(f"generate.{source}.method={method!r} is unknown; allowed: {', '.join(SOURCES)}")
-    return method
-
-
-def source_config(source: str, group: dict) -> SourceConfig:
-    """The typed config of a source's params group (its method's config class; pydantic's ValidationError
-    names the offending key)."""
-    return CONFIGS[method_of(source, group)](**group)
-
-
-def config_method(source: str, cfg: SourceConfig) -> str:
-    """The method a typed source config runs: its ``method`` field, else the source's own name."""
-    return cfg.method or source
-
-
-def real_subset(pool: torch.Tensor, num_images: int, seed: int, skip: int = 0) -> torch.Tensor:
-    """``num_images`` images drawn without replacement from the data stage's pool of real training
-    images, by ``seed`` (each seed of the real source is its own calibration set); ``skip``: the draw
-    continued after the first ``skip`` images (fine-tuning's extra images, disjoint from the set's)."""
-    if skip + num_images > len(pool):
-        raise ValueError(f"{skip + num_images} real images (data.num_images, or finetune.num_images) are more than "
-                         f"the real image pool ({len(pool)} images, data.real_pool): raise data.real_pool")
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(batch_seed(seed, -1)))[skip : skip + num_images]
-    return pool[pick.sort().values]
-
-
-def generate_batch(source: str, model: nn.Module, shape: tuple[int, ...], seed: int, cfg: SourceConfig,
-                   device="cpu", desc: str = "") -> tuple[torch.Tensor, dict, dict | None]:
-    """One batch of a synthetic source: (images, info, extras to save beside it or None).
-
-    Args:
-        source: the source's name; its method when ``cfg.method`` is None.
-        model: the FP32 model the images are optimised against (unused by gaussian).
-        shape: (B, C, H, W) of the batch.
-        seed: the batch's seed (``batch_seed(set seed, batch index)``).
-        cfg: the source's typed config (PlainConfig, ZeroQConfig or DSGConfig); its method must be gaussian, zeroq or
-            dsg, else ValueError (real batches are drawn, not made here).
-        device: where zeroq and dsg optimise; the images come back on the CPU.
-        desc: progress-bar label.
-    """
-    method = config_method(source, cfg)
-    if method == "gaussian":
-        return gaussian_batch(shape, seed), {}, None
-    if method == "zeroq":
-        x, info = zeroq_batch(model, shape, seed, cfg, device=device, desc=desc)
-        return x, info, None
-    if method == "dsg":
-        return dsg_batch(model, shape, seed, cfg, device=device, desc=desc)
-    raise ValueError(f"generate source {source!r}: method {method!r} makes no synthetic batches here")

@@ -7,6 +7,7 @@ ZeroQ sums it over layers and averages over samples. DSG (slack margins, per-sam
 changes only how residuals are clipped and how the matrix is weighted. Every loss takes the model's
 output as an optional third argument (``logits``): only the DSG code's label term reads it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -138,10 +139,20 @@ def lse_weights(batch: int, layers: int, lse_weight: float, tied: int | None = N
     return w
 
 
-def dsg_loss(x: torch.Tensor, stats: BNInputStats, margins=None, weights: torch.Tensor | None = None,
-             logits: torch.Tensor | None = None, *, labels: torch.Tensor | None = None, label_weight: float = 0.0,
-             tv_weight: float = 0.0, l2_weight: float = 0.0, offset: int = 0,
-             unbiased_std: bool = False) -> torch.Tensor:
+def dsg_loss(
+    x: torch.Tensor,
+    stats: BNInputStats,
+    margins=None,
+    weights: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor | None = None,
+    label_weight: float = 0.0,
+    tv_weight: float = 0.0,
+    l2_weight: float = 0.0,
+    offset: int = 0,
+    unbiased_std: bool = False,
+) -> torch.Tensor:
     """L_DSG = (1/B) sum_j [ sum_i X[j, i] l_i(j) + image prior(j) ]
              + label_weight CE(logits, labels) + tv_weight TV_L2(x~) + l2_weight mean_j ||x~_j||,
     with x~ the batch rolled by ``offset`` pixels (the official code's extras; 0 weights: the paper).
@@ -164,8 +175,11 @@ def dsg_loss(x: torch.Tensor, stats: BNInputStats, margins=None, weights: torch.
             population one (BN's).
     """
     stats.check_complete()
-    mat = (layer_loss_matrix(stats, unbiased_std) if margins is None
-           else sda_loss_matrix(stats, *margins, unbiased_std=unbiased_std))
+    mat = (
+        layer_loss_matrix(stats, unbiased_std)
+        if margins is None
+        else sda_loss_matrix(stats, *margins, unbiased_std=unbiased_std)
+    )
     per_sample = mat.sum(1) if weights is None else (mat * weights).sum(1)
     loss = (per_sample + image_prior_loss(x, unbiased_std)).mean()
     if label_weight:

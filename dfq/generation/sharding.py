@@ -10,16 +10,16 @@
   ``.tmp`` that is never read), and the rerun makes only the missing ones. Batches made under other
   params have another key and are never reused.
 """
+
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from dfq.generation import generators
+from dfq.generation import generators, sources
 from dfq.io import atomic_dir, save_json, save_torch
 
 
@@ -48,22 +48,6 @@ def my_batches(num_batches: int, rank: int, size: int) -> list[int]:
     return [i for i in range(num_batches) if i % size == rank]
 
 
-def file_md5(path: str | os.PathLike) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def scratch_key(spec: dict, files: list[str | os.PathLike]) -> str:
-    """Hash of a JSON-able description plus the contents of ``files`` (model, code)."""
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    for f in files:
-        h.update(f"{Path(f).name}:{file_md5(f)}".encode())
-    return h.hexdigest()[:16]
-
-
 def finished(scratch: Path, i: int) -> bool:
     """A batch is finished when its info file exists: it is written last, after the tensors."""
     return (scratch / f"info_{i:05d}.json").is_file()
@@ -75,7 +59,7 @@ def make_batches(source, cfg, base_seed, sizes, shape, model, real, scratch: Pat
 
     Args:
         source: the source's name (``generate_batch``'s method fallback; progress and log labels).
-        cfg: the source's typed config (``generators.source_config``).
+        cfg: the source's typed config (``sources.source_config``).
         base_seed: the set's seed; batch i is seeded with ``batch_seed(base_seed, i)``.
         sizes: image count of every batch of the set, indexed by batch.
         shape: one image's shape (C, H, W).
@@ -97,11 +81,15 @@ def make_batches(source, cfg, base_seed, sizes, shape, model, real, scratch: Pat
             start = sum(sizes[:i])
             x, info, extras = real[start : start + sizes[i]].clone(), {}, None
         else:
-            x, info, extras = generators.generate_batch(source, model, (sizes[i], *shape), seed, cfg, device,
-                                                        desc=f"{source} batch {i}")
+            x, info, extras = sources.generate_batch(
+                source, model, (sizes[i], *shape), seed, cfg, device, desc=f"{source} batch {i}"
+            )
         if info:
-            print(f"batch {i}: loss {info['loss_start']:.4g} -> {info['loss_end']:.4g} "
-                  f"({info['seconds_per_iter'] * 1e3:.1f} ms/iter)", flush=True)
+            print(
+                f"batch {i}: loss {info['loss_start']:.4g} -> {info['loss_end']:.4g} "
+                f"({info['seconds_per_iter'] * 1e3:.1f} ms/iter)",
+                flush=True,
+            )
         save_torch(x.contiguous(), scratch / f"batch_{i:05d}.pt")
         if extras is not None:
             save_torch(extras, scratch / f"margins_{i:05d}.pt")
@@ -123,3 +111,47 @@ def assemble(out: Path, meta: dict, batches: int | range, scratch: Path) -> None
         num_images = sum(info["shape"][0] for info in infos)
         save_json({**meta, "num_images": num_images, "batches": infos}, tmp / "meta.json")
     shutil.rmtree(scratch)
+
+
+def make_set(
+    source,
+    cfg,
+    seed: int,
+    sizes: list[int],
+    shape,
+    model,
+    real,
+    scratch: Path,
+    out: Path,
+    meta: dict,
+    first: int = 0,
+    device="cpu",
+) -> bool:
+    """Make batches ``first``.. of a set, shared over the torchrun processes (one process: all of them), into
+    ``scratch``; then the first process assembles them into ``out`` with ``meta``. True in that process.
+
+    Args:
+        source: the source's name (progress and error messages).
+        cfg: the source's config (``sources.source_config``); ignored when ``real`` is given.
+        seed: the set's seed; batch i is made from ``generators.batch_seed(seed, i)``.
+        sizes: every batch's size, from batch 0 (the first ``first`` are an earlier set's: not made here).
+        shape: one image's shape (C, H, W).
+        model: the FP32 model on ``device`` (None for sources that need none).
+        real: the real images of the whole set, batch by batch, or None for a synthetic source.
+        scratch: where finished batches survive a kill.
+        out: the set's folder (written atomically).
+        meta: what the set's meta.json records beside its batches.
+        first: the first batch made here (generate_finetune continues a set).
+        device: where generation runs.
+    """
+    rank, size = world()
+    init(device)
+    try:
+        mine = [i for i in my_batches(len(sizes), rank, size) if i >= first]
+        make_batches(source, cfg, seed, sizes, shape, model, real, scratch, mine, device)
+        barrier()
+        if rank == 0:
+            assemble(out, meta, range(first, len(sizes)), scratch)
+    finally:
+        finish()
+    return rank == 0

@@ -4,6 +4,7 @@ Every path is relative to the repository root (DVC runs each stage there). dvc.y
 for DVC; ``tests/test_pipeline_e2e.py`` checks both against a real ``dvc repro``. The library below the
 pipeline layer never sees these names: stages pass it files and folders.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

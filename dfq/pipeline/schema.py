@@ -4,9 +4,11 @@
 whose message names every offending key and says what is allowed. The schema composes the library's own
 config classes (TrainConfig, ZeroQConfig/DSGConfig, QuantSpec, ObserverConfig, ReconConfig, FinetuneConfig),
 each declared once next to its code with its constraints; what is declared here is only the pipeline's
-own shape: which sets, seeds and cells to run. ``check_paths`` and ``check_model`` add the checks that
-need the file system or the model. The library never reads params.yaml itself: callers pass the dict.
+own shape: which sets, seeds and cells to run. ``check_paths`` (here) and ``dfq.pipeline.checks.check_model``
+add the checks that need the file system or the model. The library never reads params.yaml itself: callers pass
+the dict.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,16 +17,15 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from dfq.cells import cell_name, finetuned, is_mixed, mixed_budget, parse_bits, parse_cell, parse_mixed
 from dfq.fp32.datasets import FASHION_MNIST_TRAIN_IMAGES
+from dfq.fp32.models import ARCHS
 from dfq.fp32.train import TrainConfig
-from dfq.generation.generators import SOURCES, SourceConfig, method_of, source_config
+from dfq.generation.sources import SOURCES, SourceConfig, method_of, source_config
 from dfq.quant.finetune import FinetuneConfig
 from dfq.quant.observers import ObserverConfig
 from dfq.quant.prepare import QuantSpec
 from dfq.quant.reconstruction import ReconConfig
-from dfq.cells import cell_name, finetuned, is_mixed, mixed_budget, parse_bits, parse_cell, parse_mixed
-from dfq.fp32.models import ARCHS, build_model, check_classes, count_bn, input_spec, load_state_dict
-from dfq.io import load_torch
 
 PosInt = Field(gt=0)
 
@@ -50,13 +51,17 @@ class Data(Strict):
         if self.dataset == "imagefolder" and not (self.test_dir and self.train_dir):
             raise ValueError("data.dataset=imagefolder needs data.test_dir and data.train_dir")
         if self.num_images > self.real_pool:
-            raise ValueError(f"data.num_images={self.num_images} is larger than data.real_pool={self.real_pool}: "
-                             "every real calibration set is drawn from that pool")
+            raise ValueError(
+                f"data.num_images={self.num_images} is larger than data.real_pool={self.real_pool}: "
+                "every real calibration set is drawn from that pool"
+            )
         n = FASHION_MNIST_TRAIN_IMAGES  # an image folder is counted by the data stage
         if self.dataset == "fashion_mnist" and self.real_pool + self.val_images > n:
-            raise ValueError(f"data.val_images={self.val_images}: the validation split and the real pool "
-                             f"(data.real_pool={self.real_pool}) are disjoint sets of the {n} Fashion-MNIST training "
-                             f"images, so together at most {n}: lower data.val_images (0: no validation split)")
+            raise ValueError(
+                f"data.val_images={self.val_images}: the validation split and the real pool "
+                f"(data.real_pool={self.real_pool}) are disjoint sets of the {n} Fashion-MNIST training "
+                f"images, so together at most {n}: lower data.val_images (0: no validation split)"
+            )
         return self
 
 
@@ -90,8 +95,10 @@ class Generate(BaseModel):
     def distinct_sources(cls, v: list[str]) -> list[str]:
         repeated = sorted({s for s in v if v.count(s) > 1})
         if repeated:
-            raise ValueError(f"{', '.join(map(repr, repeated))} repeated: list each source once (to run a method "
-                             "twice, add a params group under another name with method: <method>)")
+            raise ValueError(
+                f"{', '.join(map(repr, repeated))} repeated: list each source once (to run a method "
+                "twice, add a params group under another name with method: <method>)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -129,6 +136,7 @@ class Generate(BaseModel):
 class Mixed(Strict):
     """Mixed-precision cells mp<B>a<A> (B: average weight bits over the allocatable layers, A: activation
     bits) and the candidate weight bit-widths the sensitivity stage measures and the allocation picks from."""
+
     cells: list[str] = []
     candidates: list[int] = Field(min_length=1)
 
@@ -155,14 +163,18 @@ class Mixed(Strict):
         for c in self.cells:
             kind, avg, _ = mixed_budget(c)
             if kind == "bits" and not lo <= avg <= hi:  # a size budget is checked against the model when allocated
-                raise ValueError(f"quantize.mixed.cells: {c!r} asks for {avg:g} average weight bits, outside the range "
-                                 f"of quantize.mixed.candidates ({lo}..{hi} bits)")
+                raise ValueError(
+                    f"quantize.mixed.cells: {c!r} asks for {avg:g} average weight bits, outside the range "
+                    f"of quantize.mixed.candidates ({lo}..{hi} bits)"
+                )
         return self
 
 
 # params.yaml keeps the quantize group flat; these keys belong to the library's QuantSpec and ObserverConfig
-NESTED = {"spec": ("protocol", "weight_scheme", "weight_range", "bias"),
-          "observer": ("act_method", "percentile", "ema_momentum")}
+NESTED = {
+    "spec": ("protocol", "weight_scheme", "weight_range", "bias"),
+    "observer": ("act_method", "percentile", "ema_momentum"),
+}
 
 
 class Quantize(Strict):
@@ -200,7 +212,6 @@ class Quantize(Strict):
         return v
 
 
-
 class Evaluate(Strict):
     batch_size: int = PosInt
 
@@ -210,7 +221,7 @@ class Track(Strict):
 
 
 class Export(Strict):
-    cells: list[str] = []          # <source>-s<seed>-<bits>, e.g. zeroq-s0-w8a8
+    cells: list[str] = []  # <source>-s<seed>-<bits>, e.g. zeroq-s0-w8a8
     batch_size: int = Field(default=64, gt=0)
 
     @field_validator("cells")
@@ -223,6 +234,7 @@ class Export(Strict):
 
 class Finetune(Strict):
     """Data-free fine-tuning of the cells finetune.sources x generate.seeds x finetune.bits (dfq.quant.finetune)."""
+
     sources: list[str] = []
     bits: list[str] = []
     num_images: int = PosInt
@@ -264,25 +276,32 @@ class Params(Strict):
             raise ValueError(f"finetune.sources: {', '.join(map(repr, bad))} not in generate.sources")
         bad = [b for b in f.bits if b not in self.quantize.cells]
         if not f.bits or bad:
-            raise ValueError(f"finetune.bits: {', '.join(map(repr, bad)) or '[]'}: list calibrated cells (from "
-                             "quantize.bits or quantize.mixed.cells) to fine-tune, or use finetune.sources: []")
+            raise ValueError(
+                f"finetune.bits: {', '.join(map(repr, bad)) or '[]'}: list calibrated cells (from "
+                "quantize.bits or quantize.mixed.cells) to fine-tune, or use finetune.sources: []"
+            )
         if f.num_images < self.data.num_images:
-            raise ValueError(f"finetune.num_images={f.num_images} is below data.num_images={self.data.num_images}: "
-                             "fine-tuning uses the calibration set and more")
+            raise ValueError(
+                f"finetune.num_images={f.num_images} is below data.num_images={self.data.num_images}: "
+                "fine-tuning uses the calibration set and more"
+            )
         if f.num_images > self.data.real_pool and any(self.generate.method(s) == "real" for s in f.sources):
-            raise ValueError(f"finetune.num_images={f.num_images} is larger than data.real_pool={self.data.real_pool}: "
-                             "raise data.real_pool for a real source")
+            raise ValueError(
+                f"finetune.num_images={f.num_images} is larger than data.real_pool={self.data.real_pool}: "
+                "raise data.real_pool for a real source"
+            )
         return self
 
     @model_validator(mode="after")
     def export_cells_are_calibrated(self):
         missing = [c for c in self.export.cells if c not in self.cells()]
         if missing:
-            raise ValueError(f"export.cells: {', '.join(map(repr, missing))} not calibrated by this pipeline "
-                             "(cells are <source>-s<seed>-<bits> from generate.sources x generate.seeds x "
-                             "quantize.bits or quantize.mixed.cells); list calibrated cells or use export.cells: []")
+            raise ValueError(
+                f"export.cells: {', '.join(map(repr, missing))} not calibrated by this pipeline "
+                "(cells are <source>-s<seed>-<bits> from generate.sources x generate.seeds x "
+                "quantize.bits or quantize.mixed.cells); list calibrated cells or use export.cells: []"
+            )
         return self
-
 
     def cells(self) -> list[str]:
         """Every cell the pipeline calibrates (sources x seeds x uniform and mixed bits), then the fine-tuned ones."""
@@ -298,8 +317,12 @@ class ParamsError(ValueError):
 def _format(exc: ValidationError, prefix: str = "") -> str:
     msgs = []
     for e in exc.errors():
-        loc = prefix + ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")
-                                and not (len(e["loc"]) > 2 and e["loc"][0] == "quantize" and p in NESTED))
+        loc = prefix + ".".join(
+            str(p)
+            for p in e["loc"]
+            if not str(p).startswith("function-")
+            and not (len(e["loc"]) > 2 and e["loc"][0] == "quantize" and p in NESTED)
+        )
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "unexpected_keyword_argument":  # a config dataclass's word for an extra key
             msg = "Extra inputs are not permitted"
@@ -327,7 +350,7 @@ def validate(params: dict, source: str = "params.yaml") -> Params:
 
 def resolve(path: str, roots: list[Path]) -> Path | None:
     p = Path(os.path.expandvars(path)).expanduser()
-    for c in ([p] if p.is_absolute() else [r / p for r in roots]):
+    for c in [p] if p.is_absolute() else [r / p for r in roots]:
         if c.exists():
             return c
     return None
@@ -343,50 +366,24 @@ def check_paths(p: Params, roots: list[Path]) -> None:
     for key, value in todo:
         found = resolve(value, roots)
         if found is None:
-            raise ParamsError(f"params.yaml: {key}={value}: not found (looked relative to {', '.join(map(str, roots))})")
+            raise ParamsError(
+                f"params.yaml: {key}={value}: not found (looked relative to {', '.join(map(str, roots))})"
+            )
         if not os.access(found, os.R_OK):
             raise ParamsError(f"params.yaml: {key}={value}: not readable")
         if key == "model.weights":
-            _weights_file(value, found)
+            weights_file(value, found)
     if p.model.weights is None and p.data.dataset != "fashion_mnist":
-        raise ParamsError("params.yaml: model.weights is null, but training is only built in for data.dataset="
-                          "fashion_mnist: give model.weights (a file, or 'torchvision')")
+        raise ParamsError(
+            "params.yaml: model.weights is null, but training is only built in for data.dataset="
+            "fashion_mnist: give model.weights (a file, or 'torchvision')"
+        )
 
 
-def _weights_file(value: str, found: Path) -> Path:
+def weights_file(value: str, found: Path) -> Path:
     if not found.is_file():
-        raise ParamsError(f"params.yaml: model.weights={value}: {found} is a folder, not a weights file "
-                          "(give a state-dict file saved with torch.save, or 'torchvision')")
+        raise ParamsError(
+            f"params.yaml: model.weights={value}: {found} is a folder, not a weights file "
+            "(give a state-dict file saved with torch.save, or 'torchvision')"
+        )
     return found
-
-
-def dataset_classes(p: Params, roots: list[Path]) -> int:
-    """Class count of the configured dataset (Fashion-MNIST: 10; ImageFolder: its class folders)."""
-    if p.data.dataset == "fashion_mnist":
-        return 10
-    folder = resolve(p.data.test_dir, roots)
-    return sum(1 for d in folder.iterdir() if d.is_dir()) if folder else 0
-
-
-def check_model(p: Params, roots: list[Path] | None = None) -> None:
-    """The model's class count matches the dataset's (weights included when given as a file), and a
-    model without BatchNorm is not asked to feed BN-statistic sources (zeroq, dsg)."""
-    roots = roots or [Path.cwd()]
-    classes = dataset_classes(p, roots)
-    where = f"the ImageFolder data.test_dir={p.data.test_dir}" if p.data.dataset == "imagefolder" else "the dataset"
-    try:
-        model = build_model(p.model.arch, classes or 10)
-        weights = p.model.weights and p.model.weights != "torchvision" and resolve(p.model.weights, roots)
-        if weights:
-            load_state_dict(model, load_torch(_weights_file(p.model.weights, weights)),
-                            f"model.weights={p.model.weights}", where if classes else "the model")
-        spec = input_spec(p.model.arch) or (input_spec("fmnist_resnet") if p.data.dataset == "fashion_mnist"
-                                            else input_spec("resnet18"))
-        if classes:
-            check_classes(model, spec, classes, where)
-    except (ValueError, RuntimeError) as exc:
-        raise ParamsError(f"params.yaml: {exc}") from None
-    bn_sources = [s for s in p.generate.sources if p.generate.method(s) in ("zeroq", "dsg")]
-    if bn_sources and count_bn(model) == 0:
-        raise ParamsError(f"params.yaml: model.arch={p.model.arch!r} has no BatchNorm layers, but generate.sources "
-                          f"asks for BN-statistic sources {bn_sources}: use gaussian or real only")

@@ -5,6 +5,7 @@ of the model and data it used, its metrics). A cell whose hash is already in a F
 logged again; runs left unfinished by a crash are deleted and logged anew. So reruns and crashes
 never duplicate runs. mlflow is imported here only (importing it costs seconds).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -86,9 +87,15 @@ def export_run_extras(cell: str, export_dir="metrics/export", map_dir="reports/q
     """What an exported cell adds to its run: ONNX Runtime metrics, tags naming the DVC-tracked ONNX file,
     and artifacts (the quantization map; the ONNX model itself under model/ when at most ``max_mb``)."""
     r = json.loads((Path(export_dir) / f"{cell}.json").read_text())
-    metrics = {"onnx_top1": r["onnx_top1"], "onnx_top5": r["onnx_top5"], "onnx_top1_diff": r["top1_diff"],
-               "ort_ms_per_image": r["ms_per_image"], "onnx_mb": r["onnx_bytes"] / 1e6,
-               "integer_convs": r["integer_convs"], "float_convs": r["float_convs"]}
+    metrics = {
+        "onnx_top1": r["onnx_top1"],
+        "onnx_top5": r["onnx_top5"],
+        "onnx_top1_diff": r["top1_diff"],
+        "ort_ms_per_image": r["ms_per_image"],
+        "onnx_mb": r["onnx_bytes"] / 1e6,
+        "integer_convs": r["integer_convs"],
+        "float_convs": r["float_convs"],
+    }
     small = Path(r["onnx_path"]).is_file() and Path(r["onnx_path"]).stat().st_size <= max_mb * 1e6
     artifacts = [str(Path(map_dir) / f"{cell}.md"), *([(r["onnx_path"], "model")] if small else [])]
     return metrics, {"onnx_dvc_path": r["onnx_path"]}, artifacts
@@ -169,8 +176,14 @@ def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location
     return {"logged": logged, "skipped": skipped}
 
 
-def compare(uri: str, experiment: str, metric: str = "top1", by=("source", "bits"),
-            across: str = "dvc_exp_name", filter_string: str = ""):
+def compare(
+    uri: str,
+    experiment: str,
+    metric: str = "top1",
+    by=("source", "bits"),
+    across: str = "dvc_exp_name",
+    filter_string: str = "",
+):
     """A table of ``metric`` across DVC experiments from MLflow: rows ``by`` (run tags), one column per
     value of the ``across`` tag, each cell the mean, std and count over the seeds' runs (aggregate runs
     left out; of runs logged twice for the same cell, the latest). Returns a pandas DataFrame with
@@ -190,12 +203,15 @@ def compare(uri: str, experiment: str, metric: str = "top1", by=("source", "bits
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         raise TrackingError(f"MLflow experiment {experiment!r} not found in {uri!r}")
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string,
-                              order_by=["attributes.start_time DESC"])
+    runs = mlflow.search_runs(
+        experiment_names=[experiment], filter_string=filter_string, order_by=["attributes.start_time DESC"]
+    )
     col = f"metrics.{metric}"
     if runs.empty or col not in runs:
-        raise TrackingError(f"no run of experiment {experiment!r} has a metric {metric!r}"
-                            + (f" (filter: {filter_string})" if filter_string else ""))
+        raise TrackingError(
+            f"no run of experiment {experiment!r} has a metric {metric!r}"
+            + (f" (filter: {filter_string})" if filter_string else "")
+        )
     tags = [f"tags.{t}" for t in (*by, across, "seed")]
     for t in tags:
         if t not in runs:
@@ -203,8 +219,14 @@ def compare(uri: str, experiment: str, metric: str = "top1", by=("source", "bits
     if "tags.aggregate" in runs:
         runs = runs[runs["tags.aggregate"] != "true"]
     runs = runs.dropna(subset=[col]).drop_duplicates(subset=tags, keep="first")
-    table = runs.pivot_table(index=[f"tags.{t}" for t in by], columns=f"tags.{across}", values=col,
-                             aggfunc=["mean", "std", "count"], sort=False, dropna=False)
+    table = runs.pivot_table(
+        index=[f"tags.{t}" for t in by],
+        columns=f"tags.{across}",
+        values=col,
+        aggfunc=["mean", "std", "count"],
+        sort=False,
+        dropna=False,
+    )
     table.index.names = list(by)
     table.columns.names = ["stat", across]
     return table

@@ -11,11 +11,13 @@ The range [lo, hi] is widened to contain 0 so that zero is exact.
 - AdaRound (Nagel et al. 2020): weights rounded up or down by a learned h(V) in [0, 1] instead of to
   the nearest grid point (``AdaRoundWeight``; the reconstruction loops are in reconstruction.py).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point of the asymmetric grid covering [min(lo, 0), max(hi, 0)]."""
@@ -40,9 +42,7 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int, axis: int | Non
     qmax = 2**bits - 1
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), 0, qmax)
-    return torch.fake_quantize_per_channel_affine(
-        x, scale.to(x.dtype), zero_point.to(torch.int32), axis, 0, qmax
-    )
+    return torch.fake_quantize_per_channel_affine(x, scale.to(x.dtype), zero_point.to(torch.int32), axis, 0, qmax)
 
 
 def quantize_dequantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
@@ -76,8 +76,9 @@ def _channel_grid(flat: torch.Tensor, bits: int, scheme: str, alpha: float = 1.0
     return scale, torch.full_like(scale, half, dtype=torch.int32)
 
 
-def weight_qparams(weight: torch.Tensor, bits: int, scheme: str = "asymmetric",
-                   method: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+def weight_qparams(
+    weight: torch.Tensor, bits: int, scheme: str = "asymmetric", method: str = "minmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel quantization parameters of a conv/linear weight: the channel's min-max range
     (``minmax``), or the shrunk range with the least squared quantization error per channel (``mse``)."""
     if method not in WEIGHT_RANGES:
@@ -145,16 +146,21 @@ class _WeightFakeQuant:
             return self.weight
         if getattr(self, "adaround", None) is not None:
             return self.adaround()
-        key = (self.weight._version, self.weight_scale._version, self.weight_zero_point._version,
-               self.weight.data_ptr())
+        key = (
+            self.weight._version,
+            self.weight_scale._version,
+            self.weight_zero_point._version,
+            self.weight.data_ptr(),
+        )
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, axis=0)
         if getattr(self, "_wq_key", None) != key:
             with torch.no_grad():
-                self._wq = fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, axis=0)
+                self._wq = fake_quantize(
+                    self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, axis=0
+                )
             self._wq_key = key
         return self._wq
-
 
     def set_weight_bits(self, bits: int) -> None:
         """Re-grid the weight at ``bits`` with the layer's own scheme and range rule (the grid a layer
@@ -181,11 +187,17 @@ def weight_integers(layer: nn.Module) -> torch.Tensor:
 class QuantConv2d(_WeightFakeQuant, nn.Conv2d):
     """A Conv2d whose weight is fake-quantized per output channel (min-max or MSE-searched grid)."""
 
-    def __init__(self, conv: nn.Conv2d, bits: int, scheme: str = "asymmetric",
-                 weight_range: str = "minmax"):
+    def __init__(self, conv: nn.Conv2d, bits: int, scheme: str = "asymmetric", weight_range: str = "minmax"):
         super().__init__(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
         )
         self.load_state_dict(conv.state_dict())
         self.weight_bits, self.weight_scheme, self.weight_range = bits, scheme, weight_range
@@ -200,8 +212,7 @@ class QuantConv2d(_WeightFakeQuant, nn.Conv2d):
 class QuantLinear(_WeightFakeQuant, nn.Linear):
     """A Linear whose weight is fake-quantized per output channel (min-max or MSE-searched grid)."""
 
-    def __init__(self, linear: nn.Linear, bits: int, scheme: str = "asymmetric",
-                 weight_range: str = "minmax"):
+    def __init__(self, linear: nn.Linear, bits: int, scheme: str = "asymmetric", weight_range: str = "minmax"):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None)
         self.load_state_dict(linear.state_dict())
         self.weight_bits, self.weight_scheme, self.weight_range = bits, scheme, weight_range
@@ -244,8 +255,13 @@ class ActFakeQuantize(nn.Module):
         qmax = 2**self.bits - 1
         if self.scale_param is not None:  # the step fix_scale keeps, |s|: a gradient step across 0 is no sign flip
             xq = torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale_param.abs().clamp_min(1e-8), self.zero_point.float().reshape(1), 0, qmax,
-                1.0 / (x.numel() * qmax) ** 0.5)
+                x,
+                self.scale_param.abs().clamp_min(1e-8),
+                self.zero_point.float().reshape(1),
+                0,
+                qmax,
+                1.0 / (x.numel() * qmax) ** 0.5,
+            )
         else:
             key = (self.scale._version, self.zero_point._version, self.scale.data_ptr())
             if getattr(self, "_qp_key", None) != key:  # python scalars, read once

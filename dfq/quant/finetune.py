@@ -13,6 +13,7 @@ the softmax outputs, over randomly cropped and flipped images.
   atomically to ``checkpoint``. Batch order and augmentation come from a generator seeded by (seed, epoch)
   alone, so a run resumed from epoch k gives the same weights as an uninterrupted one (same thread count).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,13 +23,14 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
-import torch.nn.functional as F
 from torch import nn
 
-from dfq.quant.prepare import act_quantizers, round_biases
 from dfq.io import load_torch, save_torch
+from dfq.quant.bias import round_biases
+from dfq.quant.prepare import act_quantizers
 
 SCHEDULES = ("cosine", "constant")
 
@@ -50,8 +52,9 @@ class FinetuneConfig:
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(teacher) || softmax(student)), mean over the batch."""
-    return F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1), log_target=True,
-                    reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1), log_target=True, reduction="batchmean"
+    )
 
 
 def augment(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -70,7 +73,15 @@ def augment(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generato
 
 @torch.no_grad()
 def mean_kl(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_size: int, device="cpu") -> float:
-    """KL(teacher || student) over ``images`` (no augmentation), image-weighted mean."""
+    """KL(teacher || student) over ``images`` (no augmentation), image-weighted mean.
+
+    Args:
+        student: the fake-quant model.
+        teacher: the FP32 model.
+        images: (N, C, H, W) in the model's normalised input space.
+        batch_size: images per forward pass (the result does not depend on it beyond float summation order).
+        device: where both models run.
+    """
     total = 0.0
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(device)
@@ -152,6 +163,14 @@ def _epoch(student, teacher, images, cfg: FinetuneConfig, epoch: int, optimizers
     return total / len(images)
 
 
+def _save_state(checkpoint, epochs_done: int, student: nn.Module, optimizers, history, seconds, cfg) -> None:
+    """The training state after ``epochs_done`` epochs, written atomically: what ``_resume`` continues from."""
+    opt_w, opt_a, scheds = optimizers
+    state = {"epoch": epochs_done, "model": student.state_dict(), "opt_w": opt_w.state_dict()}
+    state.update(opt_a=opt_a.state_dict() if opt_a is not None else None, scheds=[s.state_dict() for s in scheds])
+    save_torch({**state, "history": history, "seconds": seconds, "config": asdict(cfg)}, checkpoint)
+
+
 def _store(student: nn.Module, int32_biases: bool) -> int:
     """Fix the learnt activation scales, put every weight on its grid as it is stored, freeze the model, and (an
     int32-bias cell) put the biases back on the int32 grid; the number of layers whose biases were re-rounded."""
@@ -166,9 +185,17 @@ def _store(student: nn.Module, int32_biases: bool) -> int:
     return round_biases(student) if int32_biases else 0
 
 
-def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: FinetuneConfig, device="cpu",
-             checkpoint: str | Path | None = None, on_epoch: Callable[[int, float], None] | None = None,
-             progress: bool = True, int32_biases: bool = False) -> dict:
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    cfg: FinetuneConfig,
+    device="cpu",
+    checkpoint: str | Path | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+    int32_biases: bool = False,
+) -> dict:
     """Fine-tune the calibrated fake-quant ``student`` in place towards ``teacher`` on ``images``.
 
     Returns a summary: KL before and after (no augmentation; after: of the model as stored, biases re-rounded),
@@ -184,7 +211,7 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: 
         on_epoch: ``on_epoch(epoch, mean_loss)`` runs after each epoch's checkpoint.
         progress: show a progress bar and print each epoch's KL.
         int32_biases: an int32-bias cell, whose biases go back on the int32 grid
-            (``dfq.quant.prepare.round_biases``) after training.
+            (``dfq.quant.bias.round_biases``) after training.
     """
     student.eval().to(device)
     teacher.eval().to(device)
@@ -203,14 +230,17 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: 
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}: KL {history[-1]:.4f} ({seconds:.0f} s so far)", flush=True)
         if checkpoint is not None:
-            opt_w, opt_a, scheds = optimizers
-            save_torch({"epoch": epoch + 1, "model": student.state_dict(), "opt_w": opt_w.state_dict(),
-                        "opt_a": opt_a.state_dict() if opt_a is not None else None,
-                        "scheds": [s.state_dict() for s in scheds], "history": history, "seconds": seconds,
-                        "config": asdict(cfg)}, checkpoint)
+            _save_state(checkpoint, epoch + 1, student, optimizers, history, seconds, cfg)
         if on_epoch is not None:
             on_epoch(epoch + 1, history[-1])
     biases = _store(student, int32_biases)  # before kl_end: the KL of the model as stored
-    return {"kl_start": kl_start, "kl_end": mean_kl(student, teacher, images, cfg.batch_size, device),
-            "loss_per_epoch": history, "steps": cfg.epochs * per_epoch, "seconds": seconds,
-            "resumed_from_epoch": start_epoch, "images": len(images), "int32_biases": biases}
+    return {
+        "kl_start": kl_start,
+        "kl_end": mean_kl(student, teacher, images, cfg.batch_size, device),
+        "loss_per_epoch": history,
+        "steps": cfg.epochs * per_epoch,
+        "seconds": seconds,
+        "resumed_from_epoch": start_epoch,
+        "images": len(images),
+        "int32_biases": biases,
+    }

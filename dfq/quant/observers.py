@@ -12,6 +12,7 @@
 - ``mse``: the clipping range, among ``num_candidates`` shrinkings of the min-max range, that
   minimises the squared quantization error summed over all calibration batches.
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ can run on its own, which block reconstruction (reconstruction.py) needs. In eve
 
 ``calibrate`` runs calibration batches through the observers and freezes the activation ranges.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,16 +27,16 @@ from typing import Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass
+from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
-from dfq.tracing import executed_modules
-from dfq.quant.fake_quant import ActFakeQuantize, QuantConv2d, QuantLinear, weight_integers
-from dfq.quant.observers import MinMaxObserver
 from dfq.cells import is_mixed, parse_bits, parse_mixed
+from dfq.quant.fake_quant import ActFakeQuantize, QuantConv2d, QuantLinear
+from dfq.quant.observers import MinMaxObserver
+from dfq.tracing import executed_modules
 
 PROTOCOLS = ("zeroq", "brecq")
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
@@ -64,8 +65,12 @@ class QuantSpec:
 
     def record(self) -> dict:
         """The fields as a checkpoint and a metrics file carry them."""
-        return {"protocol": self.protocol, "weight_scheme": self.weight_scheme, "weight_range": self.weight_range,
-                "bias": self.bias}
+        return {
+            "protocol": self.protocol,
+            "weight_scheme": self.weight_scheme,
+            "weight_range": self.weight_range,
+            "bias": self.bias,
+        }
 
 
 class NothingQuantizedError(RuntimeError):
@@ -129,8 +134,12 @@ def _fold_bn(gm: fx.GraphModule) -> int:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
-                and type(modules.get(src.target)) is nn.Conv2d):
+        if not (
+            isinstance(src, fx.Node)
+            and src.op == "call_module"
+            and len(src.users) == 1
+            and type(modules.get(src.target)) is nn.Conv2d
+        ):
             continue
         _swap_module(gm, src.target, fuse_conv_bn_eval(modules[src.target].eval(), modules[node.target].eval()))
         node.replace_all_uses_with(src)
@@ -140,8 +149,9 @@ def _fold_bn(gm: fx.GraphModule) -> int:
     return n
 
 
-def _insert_act(gm: fx.GraphModule, after: fx.Node, users: list[fx.Node], bits: int, observer: nn.Module,
-                index: int) -> str:
+def _insert_act(
+    gm: fx.GraphModule, after: fx.Node, users: list[fx.Node], bits: int, observer: nn.Module, index: int
+) -> str:
     name = f"act_fq_{index}"
     gm.add_submodule(name, ActFakeQuantize(bits, observer))
     if after.op == "placeholder":  # after all inputs, before the first computation (and every user)
@@ -212,8 +222,14 @@ def _insert_acts(graphs, protocol: str, abits: int, edge: set[str], make_observe
     return n_acts
 
 
-def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[], nn.Module],
-            spec: QuantSpec = QuantSpec(), layer_bits: dict[str, int] | None = None) -> fx.GraphModule:
+def prepare(
+    model: nn.Module,
+    wbits: int,
+    abits: int,
+    make_observer: Callable[[], nn.Module],
+    spec: QuantSpec = QuantSpec(),
+    layer_bits: dict[str, int] | None = None,
+) -> fx.GraphModule:
     """A traced copy of ``model`` with fake-quant weights and observing activation quantizers.
 
     Args:
@@ -242,8 +258,11 @@ def prepare(model: nn.Module, wbits: int, abits: int, make_observer: Callable[[]
     for name, mod in list(gm.named_modules()):
         if type(mod) in WEIGHT_TYPES:
             cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
-            _swap_module(gm, name, cls(mod, 8 if name in edge else layer_bits.get(name, wbits), spec.weight_scheme,
-                                       spec.weight_range))
+            _swap_module(
+                gm,
+                name,
+                cls(mod, 8 if name in edge else layer_bits.get(name, wbits), spec.weight_scheme, spec.weight_range),
+            )
             n_weights += 1
     if n_acts == 0:
         raise NothingQuantizedError(
@@ -302,75 +321,6 @@ def calibrate(gm: nn.Module, batches: Iterable[torch.Tensor], device="cpu", desc
     return n
 
 
-def input_quantizer(root: nn.Module, g: fx.GraphModule, src: fx.Node, prefixes: dict,
-                    types: tuple = (ActFakeQuantize,)) -> tuple[str, nn.Module] | None:
-    """(qualified name, module) of the activation quantizer whose output the node ``src`` of graph ``g``
-    (inside ``root``; ``prefixes``: id(graph) -> its qualified name) is, following a unit's input
-    placeholder out to the parent graph and a unit's output into its graph; None: the tensor is FP32."""
-    while True:
-        mods = dict(g.named_modules())
-        prefix = prefixes[id(g)]
-        if src.op == "call_module" and isinstance(mods.get(src.target), types):
-            return (f"{prefix}.{src.target}" if prefix else src.target), mods[src.target]
-        if src.op == "call_module" and isinstance(mods.get(src.target), fx.GraphModule):  # a unit's output
-            g = mods[src.target]
-            src = next(n for n in g.graph.nodes if n.op == "output").args[0]
-            continue
-        if src.op != "placeholder" or not prefix:
-            return None
-        parent = next(m for m in root.modules() if isinstance(m, fx.GraphModule) and any(
-            n.op == "call_module" and (f"{prefixes[id(m)]}.{n.target}" if prefixes[id(m)] else n.target) == prefix
-            for n in m.graph.nodes))
-        pp = prefixes[id(parent)]
-        call = next(n for n in parent.graph.nodes
-                    if n.op == "call_module" and (f"{pp}.{n.target}" if pp else n.target) == prefix)
-        g, src = parent, call.args[0]
-
-
-@torch.no_grad()
-def round_biases(gm: nn.Module) -> int:
-    """Put biases on the int32 grid an integer engine adds them on: step s_x * s_w per output channel (s_x:
-    the scale of the layer's input quantizer), for every conv/linear whose input is quantized. That is the
-    grid of dfq.deploy.export's int32 biases (int8 weights) and also the one ONNX Runtime's WeightBiasQuantization
-    puts a float bias on when it fuses a layer with uint8 per-channel-zero-point weights (8-bit asymmetric)
-    into QLinearConv/QGemm; where a float op reads the output the rounded bias is exact in float too. A conv
-    whose only reader is a BatchNorm (zeroq protocol; the export folds it after quantization, scale
-    s_w |gamma / sigma|) gets the BN's shift moved onto the grid s_x s_w |gamma / sigma| instead, unless the
-    export keeps that BN a float op (weights that do not fit int8, or a -128 to negate). Returns the layers
-    changed."""
-    prefixes = {id(m): n for n, m in gm.named_modules()}
-    changed = 0
-    for g in [m for m in gm.modules() if isinstance(m, fx.GraphModule)]:
-        mods = dict(g.named_modules())
-        for node in g.graph.nodes:
-            layer = mods.get(node.target) if node.op == "call_module" else None
-            if not isinstance(layer, QUANT_TYPES):
-                continue
-            src = input_quantizer(gm, g, node.args[0], prefixes)
-            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-            ints = weight_integers(layer) - layer.weight_zero_point.reshape(shape).to(torch.int32)
-            if src is None:
-                continue  # float input: a float conv in the export, its bias stays float
-            step = float(src[1].scale) * layer.weight_scale.detach()
-            users = list(node.users)
-            bn = mods.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
-            if isinstance(bn, nn.BatchNorm2d):
-                if bn.bias is None or bn.running_mean is None or int(ints.min()) < -128 or int(ints.max()) > 127:
-                    continue  # the export keeps this BN a float op
-                gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                if ((gain < 0) & (ints.flatten(1).min(1).values < -127)).any():
-                    continue  # the export keeps this BN a float op
-                conv_b = layer.bias if layer.bias is not None else torch.zeros_like(gain)
-                total, st = bn.bias - gain * bn.running_mean + gain * conv_b, step * gain.abs()
-                bn.bias.copy_(torch.round(total / st) * st + gain * bn.running_mean - gain * conv_b)
-            elif layer.bias is not None:
-                layer.bias.copy_(torch.round(layer.bias / step) * step)
-            else:
-                continue
-            changed += 1
-    return changed
-
-
 def load_calibrated(gm: nn.Module, state: dict) -> nn.Module:
     """Load a calibrated state dict into a freshly prepared model and switch it to quantizing."""
     gm.load_state_dict(state, strict=True)
@@ -392,13 +342,18 @@ def load_quantized(model: nn.Module, ckpt: dict) -> nn.Module:
         (wbits, abits), per_layer = parse_bits(ckpt["bits"]), None
     gm = prepare(model, wbits, abits, MinMaxObserver, QuantSpec.of_checkpoint(ckpt), per_layer)
     if per_layer is not None and set(per_layer) != set(layer_bits(gm)):
-        raise ValueError(f"the mixed-precision checkpoint names the weight layers {sorted(per_layer)}, "
-                         f"the model has {sorted(layer_bits(gm))}")
+        raise ValueError(
+            f"the mixed-precision checkpoint names the weight layers {sorted(per_layer)}, "
+            f"the model has {sorted(layer_bits(gm))}"
+        )
     return load_calibrated(gm, ckpt["state_dict"])
 
 
 def summary(gm: nn.Module) -> dict:
     layers = weight_quantized_layers(gm)
-    return {"weight_layers": len(layers), "act_quantizers": len(act_quantizers(gm)),
-            "weight_bits": sorted({m.weight_bits for m in layers}),
-            "act_bits": sorted({fq.bits for fq in act_quantizers(gm)})}
+    return {
+        "weight_layers": len(layers),
+        "act_quantizers": len(act_quantizers(gm)),
+        "weight_bits": sorted({m.weight_bits for m in layers}),
+        "act_bits": sorted({fq.bits for fq in act_quantizers(gm)}),
+    }

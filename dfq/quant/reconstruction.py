@@ -17,6 +17,7 @@ without the regulariser (AdaRound, Nagel et al. 2020).
 - ``qdrop`` (Wei et al. 2022): calibration first, then per block the rounding and the activation step
   sizes learned together while each activation element skips quantization with probability p.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,8 @@ from pydantic.dataclasses import dataclass
 from torch import fx, nn
 from tqdm import tqdm
 
-from dfq.quant.prepare import QUANT_TYPES, act_quantizers, calibrate, set_quant_state
 from dfq.quant.fake_quant import AdaRoundWeight
+from dfq.quant.prepare import QUANT_TYPES, act_quantizers, calibrate, set_quant_state
 
 ROUNDINGS = ("nearest", "adaround", "brecq", "qdrop")
 
@@ -72,12 +73,15 @@ def capture(gm: nn.Module, name: str, data: torch.Tensor, output: bool, batch: i
         got.append(t.detach())
         raise _Stop
 
-    h = (mod.register_forward_hook(lambda m, a, out: keep(out)) if output
-         else mod.register_forward_pre_hook(lambda m, a: keep(a[0])))
+    h = (
+        mod.register_forward_hook(lambda m, a, out: keep(out))
+        if output
+        else mod.register_forward_pre_hook(lambda m, a: keep(a[0]))
+    )
     try:
         for i in range(0, len(data), batch):
             try:
-                gm(data[i:i + batch])
+                gm(data[i : i + batch])
             except _Stop:
                 pass
     finally:
@@ -95,8 +99,11 @@ def recon_units(gm: fx.GraphModule, layerwise: bool) -> list[str]:
         mod = gm.get_submodule(node.target)
         if isinstance(mod, fx.GraphModule) and any(isinstance(m, QUANT_TYPES) for m in mod.modules()):
             if layerwise:
-                units += [f"{node.target}.{n.target}" for n in mod.graph.nodes
-                          if n.op == "call_module" and isinstance(mod.get_submodule(n.target), QUANT_TYPES)]
+                units += [
+                    f"{node.target}.{n.target}"
+                    for n in mod.graph.nodes
+                    if n.op == "call_module" and isinstance(mod.get_submodule(n.target), QUANT_TYPES)
+                ]
             else:
                 units.append(node.target)
         elif isinstance(mod, QUANT_TYPES):
@@ -111,8 +118,10 @@ def rec_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def unit_error(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> float:
     """Mean reconstruction error of ``unit`` over all cached inputs."""
-    total = sum(float(rec_error(unit(x[i:i + batch]), y[i:i + batch])) * len(x[i:i + batch])
-                for i in range(0, len(x), batch))
+    total = sum(
+        float(rec_error(unit(x[i : i + batch]), y[i : i + batch])) * len(x[i : i + batch])
+        for i in range(0, len(x), batch)
+    )
     return total / len(x)
 
 
@@ -125,8 +134,16 @@ def beta_at(t: int, cfg: ReconConfig) -> float | None:
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - rel)
 
 
-def optimize_unit(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ReconConfig, learn_weights: bool,
-                  learn_acts: bool, drop_prob: float = 0.0, desc: str = "") -> dict:
+def optimize_unit(
+    unit: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: ReconConfig,
+    learn_weights: bool,
+    learn_acts: bool,
+    drop_prob: float = 0.0,
+    desc: str = "",
+) -> dict:
     """Reconstruct one unit from cached (x, y); the rounding is fixed to {0, 1} and written into the
     layers' weights at the end (every weight then sits on its quantization grid).
 
@@ -210,8 +227,16 @@ def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconC
         set_quant_state(gm, weights=True, acts=acts)
         x = capture(gm, name, data, output=False)
         y = capture(fp32, name, data, output=True)
-        r = optimize_unit(gm.get_submodule(name), x, y, cfg, learn_weights=True, learn_acts=acts,
-                          drop_prob=cfg.drop_prob if acts else 0.0, desc=f"{method} {name}")
+        r = optimize_unit(
+            gm.get_submodule(name),
+            x,
+            y,
+            cfg,
+            learn_weights=True,
+            learn_acts=acts,
+            drop_prob=cfg.drop_prob if acts else 0.0,
+            desc=f"{method} {name}",
+        )
         log.append({"unit": name, **r})
         print(f"  {method} {name}: error {r['error_before']:.4g} (nearest) -> {r['error_after']:.4g}", flush=True)
     set_quant_state(gm, weights=True, acts=True)
@@ -223,8 +248,9 @@ def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconC
             name = entry["unit"]
             x = capture(gm, name, data, output=False)
             y = capture(fp32, name, data, output=True)
-            r = optimize_unit(gm.get_submodule(name), x, y, cfg, learn_weights=False, learn_acts=True,
-                              desc=f"brecq act {name}")
+            r = optimize_unit(
+                gm.get_submodule(name), x, y, cfg, learn_weights=False, learn_acts=True, desc=f"brecq act {name}"
+            )
             entry.update(act_error_before=r["error_before"], act_error_after=r["error_after"])
             print(f"  brecq act {name}: error {r['error_before']:.4g} -> {r['error_after']:.4g}", flush=True)
     return {"units": log, "seconds_weights": t_weights, "seconds_total": time.perf_counter() - t0}

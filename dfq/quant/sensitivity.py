@@ -15,6 +15,7 @@ additive, so a partial choice over the first layers that is no smaller and no ch
 (dominated) can never start an optimal choice: keeping, layer by layer, only the non-dominated
 (size, summed sensitivity) pairs is exact, and the last pair is the whole Pareto frontier.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,15 +29,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dfq.quant.prepare import QUANT_TYPES, QuantSpec, prepare, set_quant_state
-from dfq.quant.observers import MinMaxObserver
 from dfq.cells import mixed_budget
 from dfq.io import atomic_path
+from dfq.quant.observers import MinMaxObserver
+from dfq.quant.prepare import QUANT_TYPES, QuantSpec, prepare, set_quant_state
 
 
 @torch.no_grad()
-def measure(model: nn.Module, batches: Sequence[torch.Tensor], candidates: Sequence[int],
-            spec: QuantSpec = QuantSpec(), device="cpu", desc: str = "sensitivity") -> dict:
+def measure(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    candidates: Sequence[int],
+    spec: QuantSpec = QuantSpec(),
+    device="cpu",
+    desc: str = "sensitivity",
+) -> dict:
     """Per weight layer (in module order): its name in the prepared model, weight count, fixed bits
     (8 for a layer the protocol fixes, else None) and mean KL per candidate bit-width (None if fixed).
 
@@ -67,13 +74,21 @@ def measure(model: nn.Module, batches: Sequence[torch.Tensor], candidates: Seque
             for b in candidates:
                 m.set_weight_bits(b)
                 m.weight_quant = True
-                total = sum(F.kl_div(F.log_softmax(gm(x).double(), 1), r, reduction="sum", log_target=True).item()
-                            for x, r in zip(batches, ref))
+                total = sum(
+                    F.kl_div(F.log_softmax(gm(x).double(), 1), r, reduction="sum", log_target=True).item()
+                    for x, r in zip(batches, ref)
+                )
                 m.weight_quant = False
                 row["kl"].append(max(total, 0.0) / n)  # KL >= 0; clamp float rounding of an exact grid
         rows.append(row)
-    return {"candidates": candidates, "images": n, "protocol": spec.protocol, "weight_scheme": spec.weight_scheme,
-            "weight_range": spec.weight_range, "layers": rows}
+    return {
+        "candidates": candidates,
+        "images": n,
+        "protocol": spec.protocol,
+        "weight_scheme": spec.weight_scheme,
+        "weight_range": spec.weight_range,
+        "layers": rows,
+    }
 
 
 @dataclass
@@ -95,8 +110,9 @@ class Frontier:
         return bits[::-1]
 
 
-def pareto_frontier(costs: Sequence[Sequence[float]], params: Sequence[int], candidates: Sequence[int],
-                    max_size: int | None = None) -> Frontier:
+def pareto_frontier(
+    costs: Sequence[Sequence[float]], params: Sequence[int], candidates: Sequence[int], max_size: int | None = None
+) -> Frontier:
     """Exact Pareto frontier of (sum n_l b_l, sum costs[l][b_l]) over every choice of b_l in
     ``candidates``; ``costs[l][j]`` is layer l's cost at ``candidates[j]``. With ``max_size``, pairs that
     cannot fit (their size plus the smallest size of the remaining layers exceeds it) are dropped as
@@ -126,14 +142,16 @@ def budget_bits(avg_bits: float, params: Sequence[int]) -> int:
     return math.floor(Fraction(str(avg_bits)) * int(sum(params)))
 
 
-def allocate(costs: Sequence[Sequence[float]], params: Sequence[int], candidates: Sequence[int],
-             max_size: int) -> tuple[list[int], int, float]:
+def allocate(
+    costs: Sequence[Sequence[float]], params: Sequence[int], candidates: Sequence[int], max_size: int
+) -> tuple[list[int], int, float]:
     """The bits per layer minimising the summed cost with sum n_l b_l <= max_size: (bits, size, cost)."""
     f = pareto_frontier(costs, params, candidates, max_size)
     if not len(f.sizes):
         smallest = int(sum(params)) * min(candidates)
-        raise ValueError(f"no allocation fits {max_size} bits: the smallest ({min(candidates)} bits everywhere) "
-                         f"takes {smallest}")
+        raise ValueError(
+            f"no allocation fits {max_size} bits: the smallest ({min(candidates)} bits everywhere) takes {smallest}"
+        )
     i = len(f.sizes) - 1  # every pair left fits; the largest is the cheapest
     return f.allocation(i), int(f.sizes[i]), float(f.costs[i])
 
@@ -180,16 +198,31 @@ def allocate_cell(sens: dict, budget: float | str) -> tuple[dict[str, int], dict
         limit = math.floor(Fraction(str(value)) * 8 * 10**6) - fixed_bits
         smallest = (fixed_bits + sum(params) * min(sens["candidates"])) / 8e6
         if limit < sum(params) * min(sens["candidates"]):
-            raise ValueError(f"mixed cell {budget!r}: the smallest model takes {smallest:.6g} MB ({min(sens['candidates'])}"
-                             f"-bit allocatable layers{', 8-bit fixed layers' if fixed_bits else ''}); raise the budget")
+            raise ValueError(
+                f"mixed cell {budget!r}: the smallest model takes {smallest:.6g} MB ({min(sens['candidates'])}"
+                f"-bit allocatable layers{', 8-bit fixed layers' if fixed_bits else ''}); raise the budget"
+            )
     bits, size, cost = allocate([r["kl"] for r in rows], params, sens["candidates"], limit)
     chosen = dict(zip((r["name"] for r in rows), bits))
-    table = [{"name": r["name"], "params": r["params"], "bits": r["fixed_bits"] or chosen[r["name"]],
-              "kl": None if r["fixed_bits"] else r["kl"][sens["candidates"].index(chosen[r["name"]])],
-              "fixed": r["fixed_bits"] is not None} for r in sens["layers"]]
+    table = [
+        {
+            "name": r["name"],
+            "params": r["params"],
+            "bits": r["fixed_bits"] or chosen[r["name"]],
+            "kl": None if r["fixed_bits"] else r["kl"][sens["candidates"].index(chosen[r["name"]])],
+            "fixed": r["fixed_bits"] is not None,
+        }
+        for r in sens["layers"]
+    ]
     return {r["name"]: r["bits"] for r in table}, {
-        "budget_avg_bits" if kind == "bits" else "budget_mb": value, "budget_bits": limit, "avg_bits": size / sum(params),
-        "weight_mb": (size + fixed_bits) / 8e6, "kl_sum": cost, "allocatable_params": sum(params), "layers": table}
+        "budget_avg_bits" if kind == "bits" else "budget_mb": value,
+        "budget_bits": limit,
+        "avg_bits": size / sum(params),
+        "weight_mb": (size + fixed_bits) / 8e6,
+        "kl_sum": cost,
+        "allocatable_params": sum(params),
+        "layers": table,
+    }
 
 
 def uniform_costs(sens: dict) -> dict[int, float]:
@@ -202,16 +235,23 @@ def frontier_table(sens: dict, f: Frontier, step: float = 0.5) -> str:
     """Markdown: for budgets of min..max candidate bits in ``step``s, the frontier point chosen (average
     bits, summed KL, bits per allocatable layer in module order)."""
     params = [r["params"] for r in _allocatable(sens)]
-    lines = [f"Pareto frontier: {len(f.sizes)} points over {len(params)} allocatable layers "
-             f"({sum(params)} weights); bits per layer in module order", "",
-             "| budget (avg bits) | avg bits | summed KL | bits per layer |", "|---|---|---|---|"]
+    lines = [
+        f"Pareto frontier: {len(f.sizes)} points over {len(params)} allocatable layers "
+        f"({sum(params)} weights); bits per layer in module order",
+        "",
+        "| budget (avg bits) | avg bits | summed KL | bits per layer |",
+        "|---|---|---|---|",
+    ]
     lo, hi = min(sens["candidates"]), max(sens["candidates"])
     for k in range(int(round((hi - lo) / step)) + 1):
         budget = budget_bits(lo + k * step, params)
         i = int(np.searchsorted(f.sizes, budget, side="right")) - 1
         if i >= 0:
-            lines.append(f"| {lo + k * step:g} | {f.sizes[i] / sum(params):.3f} | {f.costs[i]:.4g} | "
-                         + " ".join(map(str, f.allocation(i))) + " |")
+            lines.append(
+                f"| {lo + k * step:g} | {f.sizes[i] / sum(params):.3f} | {f.costs[i]:.4g} | "
+                + " ".join(map(str, f.allocation(i)))
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -224,14 +264,19 @@ def plot(sens: dict, f: Frontier, title: str, path) -> None:
     import matplotlib.pyplot as plt
 
     rows, cands = sens["layers"], sens["candidates"]
-    grid = np.array([[np.nan] * len(cands) if r["kl"] is None else [math.log10(max(v, 1e-12)) for v in r["kl"]]
-                     for r in rows])
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.28 * len(rows) + 2.2), dpi=110,
-                                 gridspec_kw={"width_ratios": [1, 1.3]})
+    grid = np.array(
+        [[np.nan] * len(cands) if r["kl"] is None else [math.log10(max(v, 1e-12)) for v in r["kl"]] for r in rows]
+    )
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(11, 0.28 * len(rows) + 2.2), dpi=110, gridspec_kw={"width_ratios": [1, 1.3]}
+    )
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(cands)), [str(b) for b in cands])
-    ax.set_yticks(range(len(rows)), [f"{r['name']} ({r['params']})" + (" [8 fixed]" if r["kl"] is None else "")
-                                     for r in rows], fontsize=7)
+    ax.set_yticks(
+        range(len(rows)),
+        [f"{r['name']} ({r['params']})" + (" [8 fixed]" if r["kl"] is None else "") for r in rows],
+        fontsize=7,
+    )
     ax.set_xlabel("weight bits")
     fig.colorbar(im, ax=ax, label="log10 KL(FP32 || one layer quantized)")
     params = sum(r["params"] for r in _allocatable(sens))

@@ -18,15 +18,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dfq.fp32.datasets import InputSpec, open_eval_dataset  # noqa: E402
-from dfq.fp32.evaluate import make_loader  # noqa: E402
+from dfq.cells import parse_bits  # noqa: E402
 from dfq.deploy.qdq import to_onnx  # noqa: E402
 from dfq.deploy.runtime import integer_report, optimized_ops, run, session  # noqa: E402
-from dfq.io import load_torch  # noqa: E402
+from dfq.fp32.datasets import InputSpec, open_eval_dataset  # noqa: E402
+from dfq.fp32.evaluate import make_loader  # noqa: E402
 from dfq.fp32.models import load_checkpoint  # noqa: E402
+from dfq.io import load_torch  # noqa: E402
 from dfq.quant.observers import make_observer  # noqa: E402
-from dfq.quant.prepare import calibrate, prepare, round_biases  # noqa: E402
-from dfq.cells import parse_bits  # noqa: E402
+from dfq.quant.bias import round_biases  # noqa: E402
+from dfq.quant.prepare import calibrate, prepare  # noqa: E402
 
 
 def main() -> None:

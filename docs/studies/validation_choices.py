@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dfq.fp32.datasets import InputSpec, ManifestDataset, folder_transform, open_eval_dataset, split_indices  # noqa: E402
 from dfq.fp32.evaluate import evaluate, make_loader  # noqa: E402
-from dfq.io import load_torch  # noqa: E402
 from dfq.fp32.models import load_checkpoint  # noqa: E402
+from dfq.io import load_torch  # noqa: E402
 from dfq.quant.observers import make_observer  # noqa: E402
-from dfq.quant.prepare import calibrate, QuantSpec, prepare  # noqa: E402
+from dfq.quant.prepare import QuantSpec, calibrate, prepare  # noqa: E402
 
 METHODS = ("minmax", "dsg", "percentile", "mse")
 # the two protocols as the studies pin them: zeroq as the DSG study (min-max weights), brecq as the
@@ -114,8 +114,8 @@ def act_study(run: Path, out: Path, loaders, sources=None, methods=METHODS, bits
 
 
 def finetune_study(run: Path, out: Path, loaders, seeds, lrs, epochs, calib_images=228, ft_images=342) -> None:
+    from dfq.generation.sources import real_subset
     from dfq.quant.finetune import FinetuneConfig, finetune
-    from dfq.generation.generators import real_subset
 
     done = done_rows(out)
     pool = load_torch(run / "data/prepared/calib_real.pt")
