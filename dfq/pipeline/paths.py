@@ -25,6 +25,12 @@ PLOTS = {  # report stage
     "samples": Path("reports/samples.png"),
 }
 SCRATCH = Path(".dfq-scratch")  # resumable stages' unfinished work (generate, finetune); not a DVC output
+EVAL_DIR = Path("metrics/eval")  # one file per cell, named as the cell (so are the folders below)
+CALIBRATE_DIR = Path("metrics/calibrate")
+FINETUNE_DIR = Path("metrics/finetune")
+EXPORT_DIR = Path("metrics/export")
+QUANT_MAP_DIR = Path("reports/quant_map")
+SENSITIVITY_PLOT_DIR = Path("reports/sensitivity")
 
 
 def calib_set(name: str) -> Path:
@@ -60,24 +66,24 @@ def sensitivity_metrics(name: str) -> Path:
 
 
 def sensitivity_plot(name: str) -> Path:
-    return Path("reports/sensitivity", f"{name}.png")
+    return SENSITIVITY_PLOT_DIR / f"{name}.png"
 
 
 def calibrate_metrics(cell: str) -> Path:
     """Wall time, size and allocation of a calibrated cell; a fine-tuned cell's are under metrics/finetune."""
-    return Path("metrics/finetune" if is_finetuned(cell) else "metrics/calibrate", f"{cell}.json")
+    return (FINETUNE_DIR if is_finetuned(cell) else CALIBRATE_DIR) / f"{cell}.json"
 
 
 def eval_metrics(cell: str) -> Path:
-    return Path("metrics/eval", f"{cell}.json")
+    return EVAL_DIR / f"{cell}.json"
 
 
 def export_metrics(cell: str) -> Path:
-    return Path("metrics/export", f"{cell}.json")
+    return EXPORT_DIR / f"{cell}.json"
 
 
 def quant_map(cell: str) -> Path:
-    return Path("reports/quant_map", f"{cell}.md")
+    return QUANT_MAP_DIR / f"{cell}.md"
 
 
 def calibrate_stage(source: str, seed: int, bits: str) -> str:

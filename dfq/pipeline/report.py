@@ -10,11 +10,12 @@ import pandas as pd
 
 from dfq.cells import cell_name, finetuned
 from dfq.io import save_text
+from dfq.pipeline import paths
 from dfq.pipeline.paths import evaluate_stage
 
 
 def set_metrics(
-    sources: list[str], seeds: list[int], bits: list[str], eval_dir="metrics/eval", calib_dir="metrics/calibrate"
+    sources: list[str], seeds: list[int], bits: list[str], eval_dir=paths.EVAL_DIR, calib_dir=paths.CALIBRATE_DIR
 ) -> pd.DataFrame:
     """One row per (source, seed, bits) cell: its evaluation metrics (test: top1, top5; validation split:
     val_top1, val_top5 when measured) and calibration wall time, read from ``<eval_dir>/<source>-s<seed>-<bits>.json``
@@ -59,7 +60,7 @@ def pipeline_cells(
     cells = set_metrics(sources, seeds, bits)
     if not tuned_sources:
         return cells
-    tuned = set_metrics(tuned_sources, seeds, [finetuned(b) for b in tuned_bits], calib_dir="metrics/finetune")
+    tuned = set_metrics(tuned_sources, seeds, [finetuned(b) for b in tuned_bits], calib_dir=paths.FINETUNE_DIR)
     return pd.concat([cells, tuned], ignore_index=True)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfq.cells import is_mixed
+from dfq.pipeline import paths
 from dfq.pipeline.report import allocation_markdown
 
 HASH_TAG = "dfq.input_hash"
@@ -83,7 +84,7 @@ def env_tags(env) -> dict:
     return {f"env.{k}": str(v) for k, v in env.items() if v is not None}
 
 
-def export_run_extras(cell: str, export_dir="metrics/export", map_dir="reports/quant_map", max_mb: float = 100.0):
+def export_run_extras(cell: str, export_dir=paths.EXPORT_DIR, map_dir=paths.QUANT_MAP_DIR, max_mb: float = 100.0):
     """What an exported cell adds to its run: ONNX Runtime metrics, tags naming the DVC-tracked ONNX file,
     and artifacts (the quantization map; the ONNX model itself under model/ when at most ``max_mb``)."""
     r = json.loads((Path(export_dir) / f"{cell}.json").read_text())
@@ -116,7 +117,7 @@ def lock_md5(lock: dict, stage: str, path: str) -> str:
     return "unknown"
 
 
-def mixed_run_extras(cell: str, calib_dir="metrics/calibrate", heatmap_dir="reports/sensitivity"):
+def mixed_run_extras(cell: str, calib_dir=paths.CALIBRATE_DIR, heatmap_dir=paths.SENSITIVITY_PLOT_DIR):
     """What a mixed-precision cell (<source>-s<seed>-mp<B>a<A>) adds to its run: metrics of its allocation,
     the allocation table as a markdown artifact (allocation/<cell>.md) and the sensitivity heat map of its
     calibration set; nothing for a uniform cell."""
