@@ -41,6 +41,11 @@ lint: setup
 test: setup lint
 	$(VENV)/bin/python -m pytest -q tests
 
+# After `dvc pull` (or `dvc exp apply` of a pulled experiment): a teammate's MLflow runs rebuilt from the pulled
+# metrics and dvc.lock, without rerunning any stage; idempotent (runs already logged with the same inputs are skipped).
+track: setup
+	python -m stages.track
+
 # Opens on the runs table of track.experiment (MLflow 3's UI would open its GenAI overview).
 ui:
 	@python -c "from dfq.pipeline.tracking import runs_page_url; import yaml; \

@@ -17,7 +17,7 @@ from stages._common import read_params
 def main() -> None:
     params = read_params()
     from dfq.pipeline import runs, tracking
-    from dfq.pipeline.tracking import lock_md5
+    from dfq.pipeline.lineage import lock_md5
 
     root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
     lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}

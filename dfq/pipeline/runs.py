@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 
 from dfq.cells import cell_name, is_finetuned, set_name
-from dfq.pipeline import paths, report, tracking
+from dfq.pipeline import lineage, paths, report, serving, tracking
+from dfq.pipeline.lineage import lock_md5
 from dfq.pipeline.schema import Params
-from dfq.pipeline.tracking import Cell, lock_md5
+from dfq.pipeline.tracking import Cell
 
 ARTIFACTS = [str(paths.RESULTS), *map(str, paths.PLOTS.values())]
 
@@ -72,6 +73,8 @@ def cell_run(m: dict, params: Params, lock: dict, common: dict, fp32: dict) -> C
         **({"finetune": "true"} if is_finetuned(b) else {}),
     }
     quant_md5 = lock_md5(lock, paths.calibrate_stage(s, k, b), str(paths.quant_checkpoint(cell)))
+    onnx_md5 = lock_md5(lock, f"export@{cell}", str(paths.onnx_model(cell)))  # exported cells: the MLflow model
+    model, model_inputs = serving.cell_model(cell, params, onnx_md5, metrics)
     return Cell(
         run_name=cell,
         params=_logged_params(params.raw, s, k, b),
@@ -79,7 +82,8 @@ def cell_run(m: dict, params: Params, lock: dict, common: dict, fp32: dict) -> C
         tags=tags,
         artifacts=ARTIFACTS + ex_a + mx_a,
         texts=mx_t,
-        inputs={"data_md5": data_md5, "env": env, "quant_md5": quant_md5},
+        inputs={"data_md5": data_md5, "env": env, "quant_md5": quant_md5, **model_inputs},
+        model=model,
     )
 
 
@@ -106,10 +110,17 @@ def mean_run(a: dict, params: Params, common: dict, fp32: dict) -> Cell:
 
 
 def pipeline_runs(params: Params, lock: dict, common: dict) -> list[Cell]:
-    """Every cell's run, then every (source, bits) mean's, from the metrics files of a finished pipeline."""
+    """Every cell's run, then every (source, bits) mean's, from the metrics files of a finished pipeline. A cell's
+    run logs its calibration set and the FP32 model as dataset inputs (``lineage``)."""
     fp32 = json.loads(paths.FP32_METRICS.read_text())
     g, ft = params.generate, params.finetune
     cells = report.pipeline_cells(g.sources, g.seeds, params.quantize.cells, ft.sources, ft.bits)
-    return [cell_run(m, params, lock, common, fp32) for m in cells.to_dict("records")] + [
-        mean_run(a, params, common, fp32) for a in report.aggregate(cells).to_dict("records")
-    ]
+    meta = json.loads(paths.PREPARED_META.read_text()) if paths.PREPARED_META.is_file() else None  # pulled or made
+    remote, shape = lineage.dvc_remote(), meta["input_spec"]["shape"] if meta else None
+    model = lineage.model_input(params.raw, lock, remote, meta)
+    runs = []
+    for m in cells.to_dict("records"):
+        run = cell_run(m, params, lock, common, fp32)
+        run.datasets = [lineage.set_input(m["source"], m["seed"], params.raw, lock, remote, shape), model]
+        runs.append(run)
+    return runs + [mean_run(a, params, common, fp32) for a in report.aggregate(cells).to_dict("records")]

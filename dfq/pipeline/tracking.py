@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfq.cells import is_mixed
-from dfq.pipeline import paths
+from dfq.pipeline import lineage, paths, serving
 from dfq.pipeline.report import allocation_markdown
 
 HASH_TAG = "dfq.input_hash"
@@ -33,10 +33,13 @@ class Cell:
     artifacts: list[str | tuple[str, str]] = field(default_factory=list)  # path (under reports/) or (path, dir)
     inputs: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)  # artifact path in the run -> its text (written by MLflow)
+    datasets: list[dict] = field(default_factory=list)  # dataset inputs (dfq.pipeline.lineage): set, FP32 model
+    model: serving.OnnxModel | None = None  # an exported cell's MLflow model (its ONNX md5 is in inputs)
 
     def input_hash(self) -> str:
         payload = {"params": self.params, "metrics": self.metrics, "inputs": self.inputs}
-        payload = json.dumps({**payload, "texts": self.texts} if self.texts else payload, sort_keys=True)
+        payload = {**payload, "texts": self.texts} if self.texts else payload
+        payload = json.dumps({**payload, "datasets": self.datasets} if self.datasets else payload, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -84,9 +87,9 @@ def env_tags(env) -> dict:
     return {f"env.{k}": str(v) for k, v in env.items() if v is not None}
 
 
-def export_run_extras(cell: str, export_dir=paths.EXPORT_DIR, map_dir=paths.QUANT_MAP_DIR, max_mb: float = 100.0):
+def export_run_extras(cell: str, export_dir=paths.EXPORT_DIR, map_dir=paths.QUANT_MAP_DIR):
     """What an exported cell adds to its run: ONNX Runtime metrics, tags naming the DVC-tracked ONNX file,
-    and artifacts (the quantization map; the ONNX model itself under model/ when at most ``max_mb``)."""
+    and artifacts (the quantization map). The ONNX model itself is the run's MLflow model (``Cell.model``)."""
     r = json.loads((Path(export_dir) / f"{cell}.json").read_text())
     metrics = {
         "onnx_top1": r["onnx_top1"],
@@ -97,9 +100,7 @@ def export_run_extras(cell: str, export_dir=paths.EXPORT_DIR, map_dir=paths.QUAN
         "integer_convs": r["integer_convs"],
         "float_convs": r["float_convs"],
     }
-    small = Path(r["onnx_path"]).is_file() and Path(r["onnx_path"]).stat().st_size <= max_mb * 1e6
-    artifacts = [str(Path(map_dir) / f"{cell}.md"), *([(r["onnx_path"], "model")] if small else [])]
-    return metrics, {"onnx_dvc_path": r["onnx_path"]}, artifacts
+    return metrics, {"onnx_dvc_path": r["onnx_path"]}, [str(Path(map_dir) / f"{cell}.md")]
 
 
 def cell_quantize_params(quantize: dict, bits: str) -> dict:
@@ -107,14 +108,6 @@ def cell_quantize_params(quantize: dict, bits: str) -> dict:
     bit-widths) only for a mixed-precision cell, so adding a mixed cell never relogs the uniform ones."""
     out = {k: v for k, v in quantize.items() if k not in ("bits", "mixed")}
     return {**out, "mixed": {"candidates": quantize["mixed"]["candidates"]}} if is_mixed(bits) else out
-
-
-def lock_md5(lock: dict, stage: str, path: str) -> str:
-    """The md5 dvc.lock records for the output ``path`` of ``stage`` ('unknown' when absent)."""
-    for out in lock.get("stages", {}).get(stage, {}).get("outs", []):
-        if out["path"] == path:
-            return out["md5"]
-    return "unknown"
 
 
 def mixed_run_extras(cell: str, calib_dir=paths.CALIBRATE_DIR, heatmap_dir=paths.SENSITIVITY_PLOT_DIR):
@@ -137,6 +130,8 @@ def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location
     """Log every cell not yet logged with the same input hash. Returns {"logged": n, "skipped": n}."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    if any(c.model and c.model.registered_name for c in cells) and serving.registry_problem(uri):
+        raise TrackingError(serving.registry_problem(uri))  # before anything is logged
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -173,6 +168,10 @@ def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location
                     mlflow.log_artifact(path, artifact_path=where)
             for name, text in cell.texts.items():
                 mlflow.log_text(text, name)
+            if cell.datasets:
+                client.log_inputs(mlflow.active_run().info.run_id, datasets=lineage.entities(cell.datasets))
+            if cell.model:  # ONNX flavour: runs:/<run_id>/model (and a registered version with export.register)
+                serving.log_onnx_model(cell.model)
         logged += 1
     return {"logged": logged, "skipped": skipped}
 
