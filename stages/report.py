@@ -1,6 +1,7 @@
 """Stage report: reports/results.md (mean ± std over seeds, built with pandas; uniform and mixed-precision
-cells on the test set and on the validation split, model sizes, the mixed cells' allocations), accuracy-vs-bits
-with error bars, top-1 vs weight size, BN-spread and sample-grid PNGs."""
+cells on the test set and on the validation split, model sizes, the mixed cells' allocations), reports/cells.csv
+(every cell's and every (source, bits) mean's top-1, for `dvc plots`), accuracy-vs-bits with error bars, top-1 vs
+weight size, BN-spread and sample-grid PNGs."""
 
 import json
 
@@ -41,6 +42,7 @@ def main() -> None:
         fp32, cells, sources, seeds, bits, allocs, diversity, (ft.sources, ft.bits), meta.get("val_images")
     )
     report.write_text(text, paths.RESULTS)
+    report.write_text(report.cells_csv(cells), paths.CELLS_TABLE)
     plots.plot_accuracy_vs_bits(fp32, agg, sources, uniform, paths.PLOTS["accuracy_vs_bits"])
     plots.plot_size_vs_top1(fp32, agg, sources, uniform + mixed, paths.PLOTS["size_vs_top1"])
     plots.plot_bn_spread(diversity, paths.PLOTS["bn_spread"])

@@ -243,3 +243,68 @@ def test_validation_split_beside_the_test_set_and_env_is_one_column(tmp_path):
     mixed = pd.concat([cells, plain.assign(bits="w8a8")], ignore_index=True)
     table = report.results_table(fp32, report.aggregate(mixed), ["zeroq"], ["w4a4", "w8a8"], "val_")
     assert "| zeroq | 2 | 85.00 (99.50) | 73.00 ± 2.83 (98.00) | n/a |" in table
+
+
+def test_cells_csv_on_hand_written_rows(tmp_path):
+    """reports/cells.csv on two sources x two seeds x (w4a4, mp4a4), every number worked out by hand: zeroq W4A4 70, 74
+    -> 72, sample std sqrt(8) = 2.8284; zeroq MP4A4 71, 72 -> 71.5, 0.7071; dsg W4A4 75, 76 -> 75.5, 0.7071; dsg MP4A4
+    77, 77 -> 77, 0. Rows sorted (source, bits, seed, the mean last); the same cells in any order, same bytes."""
+    top1 = {
+        ("zeroq", "w4a4"): (70, 74),
+        ("zeroq", "mp4a4"): (71, 72),
+        ("dsg", "w4a4"): (75, 76),
+        ("dsg", "mp4a4"): (77, 77),
+    }
+    rows = [
+        {
+            "source": s,
+            "seed": k,
+            "bits": b,
+            "top1": float(t[k]),
+            "top5": 99.5,
+            "val_top1": t[k] + 1.25,
+            "val_top5": 100.0,
+        }
+        for (s, b), t in top1.items()
+        for k in (0, 1)
+    ]
+    expected = """source,seed,bits,kind,weight_bits,act_bits,top1,top5,val_top1,val_top5,top1_mean,top1_std,seeds
+dsg,0,mp4a4,mixed,4,4,77.0000,99.5000,78.2500,100.0000,,,
+dsg,1,mp4a4,mixed,4,4,77.0000,99.5000,78.2500,100.0000,,,
+dsg,mean,mp4a4,mixed,4,4,,,,,77.0000,0.0000,2
+dsg,0,w4a4,uniform,4,4,75.0000,99.5000,76.2500,100.0000,,,
+dsg,1,w4a4,uniform,4,4,76.0000,99.5000,77.2500,100.0000,,,
+dsg,mean,w4a4,uniform,4,4,,,,,75.5000,0.7071,2
+zeroq,0,mp4a4,mixed,4,4,71.0000,99.5000,72.2500,100.0000,,,
+zeroq,1,mp4a4,mixed,4,4,72.0000,99.5000,73.2500,100.0000,,,
+zeroq,mean,mp4a4,mixed,4,4,,,,,71.5000,0.7071,2
+zeroq,0,w4a4,uniform,4,4,70.0000,99.5000,71.2500,100.0000,,,
+zeroq,1,w4a4,uniform,4,4,74.0000,99.5000,75.2500,100.0000,,,
+zeroq,mean,w4a4,uniform,4,4,,,,,72.0000,2.8284,2
+"""
+    text = report.cells_csv(pd.DataFrame(rows))
+    assert text == expected
+    assert report.cells_csv(pd.DataFrame(rows[::-1])) == expected  # sorted, not in the order the cells came
+    report.write_text(text, tmp_path / "reports" / "cells.csv")
+    assert (tmp_path / "reports" / "cells.csv").read_bytes() == expected.encode()
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["cells.csv"]  # atomic: no temp file left
+
+
+def test_cells_csv_one_seed_budgets_and_finetuned_cells():
+    """One seed: no std (empty, not 0); no validation split: empty columns; mixed cells at their budget (an MB budget
+    has no weight bits); a fine-tuned cell keeps the bits it started from."""
+    rows = [
+        {"source": "real", "seed": 3, "bits": b, "top1": 80.123456, "top5": 99.0} for b in ("mp3.5a8", "mp0.03mba4")
+    ]
+    lines = report.cells_csv(pd.DataFrame(rows + [{**rows[0], "bits": "w4a4-ft"}])).splitlines()
+    assert lines[1:] == [
+        "real,3,mp0.03mba4,mixed,,4,80.1235,99.0000,,,,,",
+        "real,mean,mp0.03mba4,mixed,,4,,,,,80.1235,,1",
+        "real,3,mp3.5a8,mixed,3.5,8,80.1235,99.0000,,,,,",
+        "real,mean,mp3.5a8,mixed,3.5,8,,,,,80.1235,,1",
+        "real,3,w4a4-ft,finetuned,4,4,80.1235,99.0000,,,,,",
+        "real,mean,w4a4-ft,finetuned,4,4,,,,,80.1235,,1",
+    ]
+    assert report.cell_bits("w4a8") == ("uniform", 4, 8)
+    with pytest.raises(ValueError, match="invalid"):
+        report.cell_bits("w9a9")

@@ -18,6 +18,7 @@ REAL_POOL = PREPARED / "calib_real.pt"
 FP32 = Path("models/fp32.pt")  # fp32 stage: the model every other stage starts from
 FP32_METRICS = Path("metrics/fp32.json")
 RESULTS = Path("reports/results.md")
+CELLS_TABLE = Path("reports/cells.csv")  # report stage: one row per cell and per (source, bits) mean; `dvc plots`
 PLOTS = {  # report stage
     "accuracy_vs_bits": Path("reports/accuracy_vs_bits.png"),
     "size_vs_top1": Path("reports/size_vs_top1.png"),

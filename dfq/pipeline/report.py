@@ -1,14 +1,17 @@
 """Reports: reports/results.md and the markdown tables it is made of (mean ± std over seeds, built with pandas),
-from the metrics files the stages wrote. The PNGs it links to are drawn by dfq.pipeline.plots."""
+from the metrics files the stages wrote, and reports/cells.csv, the per-cell table `dvc plots` draws. The PNGs
+results.md links to are drawn by dfq.pipeline.plots."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from dfq.cells import cell_name, finetuned
+from dfq.cells import base_bits, cell_name, finetuned, is_finetuned, is_mixed, mixed_budget, parse_bits
 from dfq.io import save_text
 from dfq.pipeline import paths
 from dfq.pipeline.paths import evaluate_stage
@@ -331,6 +334,53 @@ def results_markdown(
         + diversity_table(diversity)
         + "\n![BN-statistic spread](bn_spread.png)\n\n![samples](samples.png)\n"
     )
+
+
+CELLS_COLUMNS = (  # reports/cells.csv, the table `dvc plots` draws (dvc.yaml's top-level plots, docs/dvc-plots.md)
+    *("source", "seed", "bits", "kind", "weight_bits", "act_bits"),
+    *("top1", "top5", "val_top1", "val_top5", "top1_mean", "top1_std", "seeds"),
+)
+
+
+def cell_bits(bits: str) -> tuple[str, float | None, int]:
+    """(kind, weight bits, activation bits) of a cell's bits, by dfq.cells: w4a8 -> ('uniform', 4, 8); mp3.5a8 ->
+    ('mixed', 3.5, 8), the budget (an MB budget, mp0.03mba4: no weight bits, None); w4a4-ft -> ('finetuned', 4, 4)."""
+    b = base_bits(bits)
+    kind = "finetuned" if is_finetuned(bits) else "mixed" if is_mixed(b) else "uniform"
+    if not is_mixed(b):
+        return (kind, *parse_bits(b))
+    unit, budget, abits = mixed_budget(b)
+    return kind, budget if unit == "bits" else None, abits
+
+
+def _number(value, fmt: str = ".4f") -> str:
+    """Fixed formatting, so an unchanged result writes the same bytes; missing (None, NaN): empty."""
+    return "" if value is None or pd.isna(value) else format(value, fmt)
+
+
+def _bits_fields(bits: str) -> dict[str, str]:
+    kind, wbits, abits = cell_bits(bits)
+    return {"bits": bits, "kind": kind, "weight_bits": _number(wbits, "g"), "act_bits": str(abits)}
+
+
+def cells_csv(cells: pd.DataFrame) -> str:
+    """reports/cells.csv: one row per (source, seed, bits) cell (top1, top5, val_top1, val_top5 when measured), then
+    per (source, bits) one row ``seed`` = mean with top1_mean, top1_std (sample std; empty for one seed) and seeds;
+    each row with the cell's kind, weight bits and activation bits (``cell_bits``). Rows sorted by (source, bits,
+    seed, the mean last), numbers at 4 decimals: the same cells give the same bytes."""
+    keyed = []
+    for r in cells.to_dict("records"):
+        metrics = {m: _number(r.get(m)) for m in ("top1", "top5", "val_top1", "val_top5")}
+        keyed.append(((r["source"], r["bits"], 0, int(r["seed"])), {"seed": str(int(r["seed"])), **metrics}))
+    for r in aggregate(cells, ("top1",)).to_dict("records"):
+        stats = {"top1_mean": _number(r["top1_mean"]), "top1_std": _number(r["top1_std"]), "seeds": str(r["seeds"])}
+        keyed.append(((r["source"], r["bits"], 1, 0), {"seed": "mean", **stats}))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CELLS_COLUMNS, restval="", lineterminator="\n")
+    writer.writeheader()
+    for (source, bits, *_), row in sorted(keyed, key=lambda kr: kr[0]):
+        writer.writerow({"source": source, **_bits_fields(bits), **row})
+    return out.getvalue()
 
 
 def write_text(text: str, path) -> None:
