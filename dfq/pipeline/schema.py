@@ -223,6 +223,9 @@ class Track(Strict):
 class Export(Strict):
     cells: list[str] = []  # <source>-s<seed>-<bits>, e.g. zeroq-s0-w8a8
     batch_size: int = Field(default=64, gt=0)
+    # export.register: register each exported cell's MLflow model as <experiment>-<source>-<bits> (docs/deploy.md);
+    # the attribute is register_ as pydantic's BaseModel (an ABC) has a classmethod register
+    register_: bool = Field(default=False, alias="register")
 
     @field_validator("cells")
     @classmethod
