@@ -99,7 +99,8 @@ def test_a_teammate_rebuilds_the_runs_from_a_clean_clone(tmp_path):
     ).stdout.split()
     for f in tracked:
         (clone / f).parent.mkdir(parents=True, exist_ok=True)
-        (clone / f).write_bytes((ROOT / f).read_bytes())
+        blob = subprocess.run(["git", "show", f"HEAD:{f}"], cwd=ROOT, capture_output=True, check=True).stdout
+        (clone / f).write_bytes(blob)  # as committed: what a clone holds
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
     env.pop("DVC_ROOT", None)
     cmd = [sys.executable, "-m", "stages.track"]
