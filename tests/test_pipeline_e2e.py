@@ -96,6 +96,15 @@ def mlflow_client(repo):
     return mlflow.tracking.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
 
 
+def mlflow_download(repo, uri, dst):
+    """An MLflow artifact URI downloaded from the repo's store (the URI resolved against that store only)."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}"):
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+
+
 def mlflow_runs(repo):
     client = mlflow_client(repo)
     exp = client.get_experiment_by_name("dfq")
@@ -205,7 +214,11 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert ex.data.metrics["onnx_top1"] == pytest.approx(exported["onnx_top1"])
     assert ex.data.metrics["integer_convs"] == 8 and ex.data.tags["onnx_dvc_path"] == "models/export/zeroq-s0-w8a8.onnx"
     client = mlflow_client(repo)
-    assert [f.path for f in client.list_artifacts(ex.info.run_id, "model")] == ["model/zeroq-s0-w8a8.onnx"]
+    # the ONNX model as an MLflow model of the run (ONNX flavour), byte-identical to the DVC-tracked file
+    models = client.search_logged_models([ex.info.experiment_id], filter_string=f"source_run_id = '{ex.info.run_id}'")
+    assert [m.name for m in models] == ["model"]
+    stored = Path(mlflow_download(repo, f"models:/{models[0].model_id}", repo / "dl")) / "model.onnx"
+    assert stored.read_bytes() == (repo / "models/export/zeroq-s0-w8a8.onnx").read_bytes()
     assert "reports/zeroq-s0-w8a8.md" in [f.path for f in client.list_artifacts(ex.info.run_id, "reports")]
     assert "onnx_top1" not in per_seed["real-w8a8"].data.metrics  # not exported
     agg = [r for r in runs if r.data.tags.get("aggregate") == "true"]

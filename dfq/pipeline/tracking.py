@@ -126,53 +126,68 @@ class TrackingError(RuntimeError):
     pass
 
 
-def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location: str) -> dict:
-    """Log every cell not yet logged with the same input hash. Returns {"logged": n, "skipped": n}."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    if any(c.model and c.model.registered_name for c in cells) and serving.registry_problem(uri):
-        raise TrackingError(serving.registry_problem(uri))  # before anything is logged
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
+def _open_experiment(client, uri: str, experiment: str, artifact_location: str) -> str:
+    """The experiment's id (created with ``artifact_location`` when new, tagged for the runs-table UI); a store that
+    cannot be reached is one TrackingError saying what to do."""
     try:
-        mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
         for key, value in EXPERIMENT_TAGS.items():
             if not exp or exp.tags.get(key) != value:
                 client.set_experiment_tag(exp_id, key, value)
+        return exp_id
     except Exception as exc:  # the server is down, the DB is locked or unreadable
         raise TrackingError(
             f"cannot reach the MLflow tracking store {uri!r}: {type(exc).__name__}: {exc}. "
             "Start the server / free the database (or set MLFLOW_TRACKING_URI to a reachable store), then rerun "
             "`dvc repro`: results already logged are not logged twice."
         ) from exc
+
+
+def _log_run(mlflow, client, exp_id: str, cell: Cell, h: str) -> None:
+    """One cell's run: params, metrics, tags (with its input hash), artifacts, texts, dataset inputs, model."""
+    with mlflow.start_run(experiment_id=exp_id, run_name=cell.run_name):
+        mlflow.log_params({k: str(v) for k, v in flatten(cell.params).items()})
+        mlflow.log_metrics(cell.metrics)
+        mlflow.set_tags({**cell.tags, HASH_TAG: h})
+        for a in cell.artifacts:
+            path, where = (a, "reports") if isinstance(a, str) else a
+            if Path(path).exists():
+                mlflow.log_artifact(path, artifact_path=where)
+        for name, text in cell.texts.items():
+            mlflow.log_text(text, name)
+        if cell.datasets:
+            client.log_inputs(mlflow.active_run().info.run_id, datasets=lineage.entities(cell.datasets))
+        if cell.model:  # ONNX flavour: runs:/<run_id>/model (and a registered version with export.register)
+            serving.log_onnx_model(cell.model)
+
+
+def log_cells(cells: list[Cell], *, uri: str, experiment: str, artifact_location: str) -> dict:
+    """Log every cell not yet logged with the same input hash. Returns {"logged": n, "skipped": n}. MLflow's global
+    tracking URI is ``uri`` only while logging, then what it was: a caller's later client (resolving a logged model,
+    say) never reaches this store by surprise."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    if any(c.model and c.model.registered_name for c in cells) and serving.registry_problem(uri):
+        raise TrackingError(serving.registry_problem(uri))  # before anything is logged
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # set, then restore (mlflow's own helper)
+
     logged = skipped = 0
-    for cell in cells:
-        h = cell.input_hash()
-        existing = client.search_runs([exp_id], filter_string=f"tags.`{HASH_TAG}` = '{h}'")
-        if any(r.info.status == "FINISHED" for r in existing):
-            skipped += 1
-            continue
-        for r in existing:  # left behind by a crash: replace it
-            client.delete_run(r.info.run_id)
-        with mlflow.start_run(experiment_id=exp_id, run_name=cell.run_name):
-            mlflow.log_params({k: str(v) for k, v in flatten(cell.params).items()})
-            mlflow.log_metrics(cell.metrics)
-            mlflow.set_tags({**cell.tags, HASH_TAG: h})
-            for a in cell.artifacts:
-                path, where = (a, "reports") if isinstance(a, str) else a
-                if Path(path).exists():
-                    mlflow.log_artifact(path, artifact_path=where)
-            for name, text in cell.texts.items():
-                mlflow.log_text(text, name)
-            if cell.datasets:
-                client.log_inputs(mlflow.active_run().info.run_id, datasets=lineage.entities(cell.datasets))
-            if cell.model:  # ONNX flavour: runs:/<run_id>/model (and a registered version with export.register)
-                serving.log_onnx_model(cell.model)
-        logged += 1
+    with _use_tracking_uri(uri):
+        client = MlflowClient(uri)
+        exp_id = _open_experiment(client, uri, experiment, artifact_location)
+        for cell in cells:
+            h = cell.input_hash()
+            existing = client.search_runs([exp_id], filter_string=f"tags.`{HASH_TAG}` = '{h}'")
+            if any(r.info.status == "FINISHED" for r in existing):
+                skipped += 1
+                continue
+            for r in existing:  # left behind by a crash: replace it
+                client.delete_run(r.info.run_id)
+            _log_run(mlflow, client, exp_id, cell, h)
+            logged += 1
     return {"logged": logged, "skipped": skipped}
 
 
@@ -198,14 +213,13 @@ def compare(
         filter_string: MLflow search filter on the runs ("": every run).
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    client = MlflowClient(uri)  # no global tracking URI left behind
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
         raise TrackingError(f"MLflow experiment {experiment!r} not found in {uri!r}")
-    runs = mlflow.search_runs(
-        experiment_names=[experiment], filter_string=filter_string, order_by=["attributes.start_time DESC"]
-    )
+    runs = mlflow_search_runs(uri, exp.experiment_id, filter_string)
     col = f"metrics.{metric}"
     if runs.empty or col not in runs:
         raise TrackingError(
@@ -230,6 +244,15 @@ def compare(
     table.index.names = list(by)
     table.columns.names = ["stat", across]
     return table
+
+
+def mlflow_search_runs(uri: str, experiment_id: str, filter_string: str = ""):
+    """Every run of the experiment as mlflow.search_runs' DataFrame (newest first), asked of ``uri`` only."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        return mlflow.search_runs([experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"])
 
 
 def compare_markdown(table) -> str:
