@@ -61,6 +61,24 @@ def wait_for_http(url: str, proc, timeout: float, what: str) -> None:
             time.sleep(0.3)
 
 
+def stop_group(proc) -> None:
+    """Stop a test server started with ``start_new_session=True`` and all its workers: SIGTERM to its process group,
+    SIGKILL after 20 s (MLflow's workers have been seen orphaned when only the parent was stopped)."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+
+
 def _narrow_resnet():
     """A narrow FMNIST ResNet (3 residual blocks, 2 with 1x1-conv shortcuts) for 16 x 16 inputs, with
     non-trivial BN running statistics; the same weights on every call."""

@@ -7,7 +7,6 @@ each talk to MLflow from their own process, through MLFLOW_TRACKING_URI only."""
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import _narrow_resnet, free_port, wait_for_http
+from conftest import _narrow_resnet, free_port, stop_group, wait_for_http
 
 from dfq.deploy.qdq import to_onnx
 from dfq.quant.observers import MinMaxObserver
@@ -124,14 +123,7 @@ def _start_server(tmp_path: Path):
 
 def _stop(proc, log):
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
+        stop_group(proc)
     finally:
         log.close()
 

@@ -2,13 +2,12 @@
 through MLFLOW_TRACKING_URI=http://... and stays idempotent."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for_http
+from conftest import free_port, stop_group, wait_for_http
 
 from dfq.pipeline.tracking import Cell, log_cells
 
@@ -45,11 +44,7 @@ def server(tmp_path):
         wait_for_http(url + "/health", proc, 120, "mlflow server")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
 
 
 def test_logging_through_a_server_is_idempotent(server, tmp_path):

@@ -4,7 +4,6 @@ loaded with pyfunc, registered, served with `mlflow models serve`, and logged id
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import _narrow_resnet, free_port, wait_for_http
+from conftest import _narrow_resnet, free_port, stop_group, wait_for_http
 
 from dfq.deploy.qdq import to_onnx
 from dfq.deploy.runtime import run, session
@@ -221,12 +220,7 @@ def served(logged, tmp_path):
         wait_for_http(url + "/ping", proc, 120, "mlflow models serve")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+        stop_group(proc)
         log.close()
 
 
