@@ -15,7 +15,9 @@ can run on its own, which block reconstruction (reconstruction.py) needs. In eve
   likewise). What stays FP32 is what an integer engine keeps at accumulator precision: conv/linear
   outputs (BN folded) until the next quantizer, so a residual add sums the last conv's FP32 output
   with the quantized (or conv-projected) shortcut. The first and the last weight layer, weights and
-  input, at 8 bits.
+  input, at 8 bits; or, with ``QuantSpec.edges="genie"`` (Genie's rule, its official code), the first layer's
+  weights at 8 bits and its input (the image) not quantized, the second layer's input at 8 bits, the last
+  layer W8A8.
 
 ``calibrate`` runs calibration batches through the observers and freezes the activation ranges.
 """
@@ -27,7 +29,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict
+from pydantic import ConfigDict, model_validator
 from pydantic.dataclasses import dataclass
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -50,26 +52,38 @@ QUANT_TYPES = (QuantConv2d, QuantLinear)
 class QuantSpec:
     """How a model is quantized, apart from its bit-widths: the protocol (zeroq | brecq, see above), the
     per-channel weight grid (asymmetric | symmetric signed integers with zero point 0) and its range rule
-    (minmax | mse), and whether biases are put on the int32 grid s_x * s_w an integer engine adds them on.
-    A checkpoint records these four; ``of_checkpoint`` holds the defaults of checkpoints older than a field."""
+    (minmax | mse), whether biases are put on the int32 grid s_x * s_w an integer engine adds them on, and, under
+    the brecq protocol, which first/second/last-layer rule applies (``edges``: the protocol's own, or Genie's,
+    see the module docstring). A checkpoint records these; ``of_checkpoint`` holds the defaults of checkpoints
+    older than a field. ``edges`` is recorded only when it is not the default, so records made before it existed
+    stay what they were."""
 
     protocol: Literal["zeroq", "brecq"] = "zeroq"
     weight_scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
     weight_range: Literal["minmax", "mse"] = "minmax"
     bias: Literal["int32", "float"] = "float"
+    edges: Literal["protocol", "genie"] = "protocol"
+
+    @model_validator(mode="after")
+    def _genie_edges_need_brecq(self):
+        if self.edges == "genie" and self.protocol != "brecq":
+            raise ValueError("edges='genie' (Genie's first/second/last-layer bits) needs protocol brecq")
+        return self
 
     @classmethod
     def of_checkpoint(cls, ckpt: dict) -> "QuantSpec":
         """The spec a calibrated checkpoint was made with; fields it predates take the values of that time."""
-        return cls(**{k: ckpt[k] for k in ("protocol", "weight_scheme", "weight_range", "bias") if k in ckpt})
+        keys = ("protocol", "weight_scheme", "weight_range", "bias", "edges")
+        return cls(**{k: ckpt[k] for k in keys if k in ckpt})
 
     def record(self) -> dict:
-        """The fields as a checkpoint and a metrics file carry them."""
+        """The fields as a checkpoint and a metrics file carry them (``edges`` only when not the default)."""
         return {
             "protocol": self.protocol,
             "weight_scheme": self.weight_scheme,
             "weight_range": self.weight_range,
             "bias": self.bias,
+            **({"edges": self.edges} if self.edges != "protocol" else {}),
         }
 
 
@@ -199,8 +213,9 @@ def _weight_order(gm: fx.GraphModule, blocks: list[str]) -> list[str]:
     return order
 
 
-def _insert_acts(graphs, protocol: str, abits: int, edge: set[str], make_observer) -> int:
-    """Insert the activation quantizers of the protocol into every graph; how many."""
+def _insert_acts(graphs, protocol: str, abits: int, edge: set[str], make_observer, raw: set[str] = frozenset()) -> int:
+    """Insert the activation quantizers of the protocol into every graph; how many. brecq: the inputs of the
+    layers in ``edge`` at 8 bits, those of the layers in ``raw`` not quantized."""
     n_acts = 0
     for prefix, g in graphs:
         modules = dict(g.named_modules())
@@ -214,6 +229,8 @@ def _insert_acts(graphs, protocol: str, abits: int, edge: set[str], make_observe
                 consumers.setdefault(node.args[0], []).append(node)
             for src, users in consumers.items():
                 full = {f"{prefix}.{u.target}" if prefix else u.target for u in users}
+                if full & raw:
+                    continue
                 # every user (shortcut, residual add, ...) reads the quantized tensor, not only the weight layers
                 _insert_act(g, src, list(src.users), 8 if full & edge else abits, make_observer(), n_acts)
                 n_acts += 1
@@ -245,7 +262,9 @@ def prepare(
     protocol = spec.protocol
     gm, graphs = _units(copy.deepcopy(model).eval(), protocol)
     order = _weight_order(gm, [prefix for prefix, _ in graphs[1:]])
-    edge = {order[0], order[-1]} if protocol == "brecq" else set()
+    edge = {order[0], order[-1]} if protocol == "brecq" else set()  # 8-bit weights
+    genie = spec.edges == "genie"  # Genie: first layer's input raw, second layer's and last layer's input 8-bit
+    raw, edge_inputs = ({order[0]}, {order[1 % len(order)], order[-1]}) if genie else (set(), edge)
     layer_bits = dict(layer_bits or {})
     unknown = sorted(set(layer_bits) - set(order))
     if unknown:
@@ -253,7 +272,7 @@ def prepare(
     fixed = sorted(n for n in edge if layer_bits.get(n, 8) != 8)
     if fixed:
         raise ValueError(f"layer_bits: {fixed} are fixed at 8 bits by the {protocol} protocol (first and last layer)")
-    n_acts = _insert_acts(graphs, protocol, abits, edge, make_observer)
+    n_acts = _insert_acts(graphs, protocol, abits, edge_inputs, make_observer, raw)
     n_weights = 0
     for name, mod in list(gm.named_modules()):
         if type(mod) in WEIGHT_TYPES:
@@ -270,6 +289,7 @@ def prepare(
             "(protocol zeroq quantizes activations after ReLU/ReLU6; protocol brecq the input of every conv/linear)"
         )
     gm.fixed_weight_layers = sorted(edge)  # weight layers the protocol keeps at 8 bits (not allocatable)
+    gm.edges = spec.edges
     return gm
 
 

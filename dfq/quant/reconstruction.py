@@ -16,6 +16,14 @@ without the regulariser (AdaRound, Nagel et al. 2020).
   LSQ-style with the rounding fixed.
 - ``qdrop`` (Wei et al. 2022): calibration first, then per block the rounding and the activation step
   sizes learned together while each activation element skips quantization with probability p.
+- ``genie`` (Genie-M, Jeon et al. 2023; genie_m.py): ``qdrop`` with each weight channel's step size learned
+  too (the base integers frozen), cosine-annealed step-size lrs, unit inputs mixed element-wise from the
+  quantized and the FP32 model, regulariser weight 1 and Genie's first/second/last-layer bits, each a knob
+  of ``GenieMConfig`` (all off: exactly ``qdrop``).
+
+Every optimisation step draws exactly ``batch_size`` cached rows (with replacement). The official Genie code
+reshapes its permutation of the N cached rows into 32 rows, so its minibatch is N/32 rows (batch 32 only for
+N = 1024); we keep ``batch_size`` whatever N is.
 """
 
 from __future__ import annotations
@@ -30,14 +38,16 @@ from torch import fx, nn
 from tqdm import tqdm
 
 from dfq.quant.fake_quant import AdaRoundWeight
+from dfq.quant.genie_m import GenieMConfig, GenieWeight, cosine_factor, mix_inputs
 from dfq.quant.prepare import QUANT_TYPES, act_quantizers, calibrate, set_quant_state
 
-ROUNDINGS = ("nearest", "adaround", "brecq", "qdrop")
+ROUNDINGS = ("nearest", "adaround", "brecq", "qdrop", "genie")
 
 
 @dataclass(config=ConfigDict(extra="forbid"), frozen=True)
 class ReconConfig:
-    """AdaRound / BRECQ / QDrop reconstruction (quantize.reconstruction; read when rounding is not nearest)."""
+    """AdaRound / BRECQ / QDrop / Genie-M reconstruction (quantize.reconstruction; read when rounding is not
+    nearest). ``genie`` is read only when rounding is genie; there its reg_weight replaces ``reg_weight``."""
 
     iterations: int = Field(2000, gt=0)  # rounding optimisation steps per unit (papers: 10k-20k)
     act_iterations: int = Field(2000, gt=0)  # brecq: LSQ step-size steps per unit
@@ -50,6 +60,7 @@ class ReconConfig:
     warmup: float = Field(0.2, ge=0, lt=1)  # fraction of iterations without the regulariser
     drop_prob: float = Field(0.5, ge=0, le=1)  # qdrop: probability of keeping an activation at full precision
     seed: int = Field(0, ge=0)
+    genie: GenieMConfig = GenieMConfig()
 
 
 class _Stop(Exception):
@@ -134,6 +145,49 @@ def beta_at(t: int, cfg: ReconConfig) -> float | None:
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - rel)
 
 
+def _optimizer(layers: list, fqs: list, cfg: ReconConfig, genie: GenieMConfig | None, iterations: int):
+    """Attach the rounding modules to ``layers`` (Genie's, with a learnable step, when ``genie`` has weight_lr > 0)
+    and build (optimiser, scheduler): one Adam with the groups V (cfg.lr, constant), the step sizes of ``fqs``
+    (cfg.act_lr) and the weight-step ratios (genie.weight_lr); with genie.cosine the two step-size groups are
+    cosine-annealed to 0 over ``iterations`` (scheduler None otherwise). (None, None): nothing to learn."""
+    learn_step = genie is not None and genie.weight_lr > 0
+    for m in layers:
+        cls = GenieWeight if learn_step else AdaRoundWeight
+        m.adaround = cls(m.weight, m.weight_scale, m.weight_zero_point, m.weight_bits).to(m.weight.device)
+    groups, annealed = [], []
+    if layers:
+        groups.append({"params": [m.adaround.v for m in layers], "lr": cfg.lr})
+        annealed.append(False)
+    if fqs:
+        groups.append({"params": [fq.learn_scale() for fq in fqs], "lr": cfg.act_lr})
+        annealed.append(True)
+    if learn_step and layers:
+        groups.append({"params": [m.adaround.ratio for m in layers], "lr": genie.weight_lr})
+        annealed.append(True)
+    if not groups:
+        return None, None
+    opt = torch.optim.Adam(groups)
+    if genie is None or not genie.cosine:
+        return opt, None
+    factors = [(lambda t: cosine_factor(t, iterations)) if a else (lambda t: 1.0) for a in annealed]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factors)
+
+
+@torch.no_grad()
+def _finish(layers: list, fqs: list) -> None:
+    """Hard rounding written into each layer's weight (and a learned step into its ``weight_scale``, which the
+    checkpoint's state dict carries); activation step sizes fixed, QDrop off."""
+    for m in layers:
+        m.adaround.hard = True
+        m.weight.copy_(m.adaround())
+        if isinstance(m.adaround, GenieWeight):
+            m.weight_scale.copy_(m.adaround.step().reshape(m.weight_scale.shape))
+        del m.adaround
+    for fq in fqs:
+        fq.fix_scale()
+        fq.drop_prob = 0.0
+
+
 def optimize_unit(
     unit: nn.Module,
     x: torch.Tensor,
@@ -143,6 +197,8 @@ def optimize_unit(
     learn_acts: bool,
     drop_prob: float = 0.0,
     desc: str = "",
+    x_fp: torch.Tensor | None = None,
+    genie: GenieMConfig | None = None,
 ) -> dict:
     """Reconstruct one unit from cached (x, y); the rounding is fixed to {0, 1} and written into the
     layers' weights at the end (every weight then sits on its quantization grid).
@@ -158,42 +214,73 @@ def optimize_unit(
         drop_prob: QDrop: probability each activation element skips quantization while optimising (0: never); reset to 0
             at the end.
         desc: progress-bar label.
+        x_fp: Genie-M: the FP32 copy's unit inputs, (N, ...), mixed element-wise into x's rows (an element from x with
+            probability genie.input_prob); None: x alone.
+        genie: Genie-M's knobs (GenieMConfig): learned weight steps, cosine step-size lrs, its regulariser weight
+            (instead of cfg.reg_weight); None: AdaRound's rounding on fixed steps.
     """
     layers = [m for m in unit.modules() if isinstance(m, QUANT_TYPES)] if learn_weights else []
     fqs = act_quantizers(unit)
     before = unit_error(unit, x, y)
-    for m in layers:
-        m.adaround = AdaRoundWeight(m.weight, m.weight_scale, m.weight_zero_point, m.weight_bits).to(x.device)
-    groups = [{"params": [m.adaround.v for m in layers], "lr": cfg.lr}] if layers else []
-    if learn_acts and fqs:
-        groups.append({"params": [fq.learn_scale() for fq in fqs], "lr": cfg.act_lr})
+    iterations = cfg.iterations if learn_weights else cfg.act_iterations
+    opt, sched = _optimizer(layers, fqs if learn_acts else [], cfg, genie, iterations)
     for fq in fqs:
         fq.drop_prob = drop_prob
-    iterations = cfg.iterations if learn_weights else cfg.act_iterations
+    reg_weight = cfg.reg_weight if genie is None else genie.reg_weight
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(groups) if groups else None
     bar = tqdm(range(iterations if opt else 0), desc=desc, leave=False, mininterval=1.0)
-    for t in bar:
+    for t in bar:  # exactly batch_size rows a step (the official Genie code's minibatch is N/32 rows)
         idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(x.device)
-        rec = rec_error(unit(x[idx]), y[idx])
+        xb = x[idx] if x_fp is None else mix_inputs(x[idx], x_fp[idx], genie.input_prob)
+        rec = rec_error(unit(xb), y[idx])
         loss = rec
         beta = beta_at(t, cfg) if layers else None
         if beta is not None:
-            loss = rec + cfg.reg_weight * sum(m.adaround.regularizer(beta) for m in layers)
+            loss = rec + reg_weight * sum(m.adaround.regularizer(beta) for m in layers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         if t % 100 == 0:
             bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
-    with torch.no_grad():
-        for m in layers:
-            m.adaround.hard = True
-            m.weight.copy_(m.adaround())
-            del m.adaround
-    for fq in fqs:
-        fq.fix_scale()
-        fq.drop_prob = 0.0
+    _finish(layers, fqs)
     return {"error_before": before, "error_after": unit_error(unit, x, y)}
+
+
+def _check_edges(gm: nn.Module, cfg: ReconConfig) -> None:
+    """Rounding genie: the model must be prepared with the first/second/last-layer rule genie.bit_rule asks for."""
+    have, want = getattr(gm, "edges", "protocol"), "genie" if cfg.genie.bit_rule else "protocol"
+    if have != want:
+        raise ValueError(
+            f"rounding genie with genie.bit_rule={cfg.genie.bit_rule} needs a model prepared with "
+            f"QuantSpec(edges={want!r}) (dfq.quant.genie_m.genie_spec); this one has edges={have!r}"
+        )
+
+
+def _weights_unit(gm: fx.GraphModule, fp32: nn.Module, name: str, data: torch.Tensor, method: str, cfg) -> dict:
+    """Cache unit ``name``'s inputs and FP32 targets, then learn its rounding (and, qdrop/genie, its activation
+    step sizes with QDrop); the unit's log entry."""
+    acts = method in ("qdrop", "genie")
+    genie = cfg.genie if method == "genie" else None
+    set_quant_state(gm, weights=True, acts=acts)
+    x = capture(gm, name, data, output=False)
+    x_fp = capture(fp32, name, data, output=False) if genie is not None and genie.input_prob < 1 else None
+    y = capture(fp32, name, data, output=True)
+    r = optimize_unit(
+        gm.get_submodule(name),
+        x,
+        y,
+        cfg,
+        learn_weights=True,
+        learn_acts=acts,
+        drop_prob=cfg.drop_prob if acts else 0.0,
+        desc=f"{method} {name}",
+        x_fp=x_fp,
+        genie=genie,
+    )
+    print(f"  {method} {name}: error {r['error_before']:.4g} (nearest) -> {r['error_after']:.4g}", flush=True)
+    return {"unit": name, **r}
 
 
 def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconConfig, device="cpu") -> dict:
@@ -202,45 +289,31 @@ def reconstruct(gm: fx.GraphModule, data: torch.Tensor, method: str, cfg: ReconC
 
     Args:
         gm: the prepared fake-quant model, changed in place (moved to ``device``, weights rounded, activations
-            calibrated).
+            calibrated). Rounding genie: prepared with ``genie_spec``'s QuantSpec (Genie's bits iff genie.bit_rule).
         data: calibration images (N, C, H, W).
-        method: adaround | brecq | qdrop (anything else, nearest included, raises ValueError).
+        method: adaround | brecq | qdrop | genie (anything else, nearest included, raises ValueError).
         cfg: the reconstruction settings (ReconConfig).
         device: where the model, the data and the cached tensors live.
     """
     if method not in ROUNDINGS[1:]:
         raise ValueError(f"quantize.rounding={method!r} is unknown; allowed: {', '.join(ROUNDINGS)}")
+    if method == "genie":
+        _check_edges(gm, cfg)
     gm.eval().to(device)
     data = data.to(device)
     for p in gm.parameters():
         p.requires_grad_(False)
     fp32 = copy.deepcopy(gm)  # untouched FP32 model (weights and activations unquantized): every target
     set_quant_state(fp32, weights=False, acts=False)
-    torch.manual_seed(cfg.seed)  # QDrop's random drop masks
+    torch.manual_seed(cfg.seed)  # QDrop's random drop masks (and Genie's input mixing)
     units = recon_units(gm, layerwise=method == "adaround")
     t0 = time.perf_counter()
-    if method == "qdrop":
-        calibrate(gm, data.split(128), device, desc="calibrate (before qdrop)")
-    log = []
-    for name in units:
-        acts = method == "qdrop"
-        set_quant_state(gm, weights=True, acts=acts)
-        x = capture(gm, name, data, output=False)
-        y = capture(fp32, name, data, output=True)
-        r = optimize_unit(
-            gm.get_submodule(name),
-            x,
-            y,
-            cfg,
-            learn_weights=True,
-            learn_acts=acts,
-            drop_prob=cfg.drop_prob if acts else 0.0,
-            desc=f"{method} {name}",
-        )
-        log.append({"unit": name, **r})
-        print(f"  {method} {name}: error {r['error_before']:.4g} (nearest) -> {r['error_after']:.4g}", flush=True)
+    joint = method in ("qdrop", "genie")  # activation ranges calibrated first, then learned with the rounding
+    if joint:
+        calibrate(gm, data.split(128), device, desc=f"calibrate (before {method})")
+    log = [_weights_unit(gm, fp32, name, data, method, cfg) for name in units]
     set_quant_state(gm, weights=True, acts=True)
-    if method != "qdrop":
+    if not joint:
         calibrate(gm, data.split(128), device, desc="calibrate activations")
     t_weights = time.perf_counter() - t0
     if method == "brecq":
