@@ -50,11 +50,10 @@ class ZeroQConfig:
 
 
 @dataclass(config=_CONFIG, frozen=True)
-class DSGConfig(ZeroQConfig):
-    """DSG (Zhang, Qin et al. 2021): ZeroQ's optimisation with slack margins (SDA) and layerwise sample
-    enhancement (LSE), plus the official code's extras; SDA, LSE and every extra off is ZeroQ exactly."""
+class DSGTerms:
+    """DSG's two ingredients on a BN-statistic loss: slack margins (SDA) and layerwise sample enhancement (LSE)
+    (shared by dsg and genie_dsg)."""
 
-    method: Optional[Literal["dsg"]] = None
     sda: bool = True  # slack distribution alignment: dead-zone loss inside per-layer margins
     eps: float = Field(0.9, ge=0, le=1)  # margins: eps-quantile of |stat(probe) - BN running stat|
     per_channel: bool = False  # one margin per channel instead of per layer
@@ -62,16 +61,24 @@ class DSGConfig(ZeroQConfig):
     lse: bool = True
     lse_weight: float = Field(2.0, ge=1)  # 2: the paper's X = I + 1 1^T; 4: the official code
     lse_tied: Optional[int] = Field(None, gt=0)  # None: sample j tied to layer j mod L; N: samples j < N only
-    label_weight: float = Field(0.0, ge=0)  # cross-entropy to seeded random labels
-    tv_weight: float = Field(0.0, ge=0)  # L2 total variation of the jittered batch
-    l2_weight: float = Field(0.0, ge=0)  # mean per-image L2 norm of the jittered batch
-    jitter: int = Field(0, ge=0)  # priors see the batch rolled by a random offset in [-jitter, jitter) px
-    unbiased_std: bool = False  # per-sample variance: population (BN's) or unbiased (the code's torch.var)
 
     @field_validator("margin_probe")
     @classmethod
     def _known_probe(cls, v: str) -> str:
         return _one_of(v, PROBES, "margin_probe")
+
+
+@dataclass(config=_CONFIG, frozen=True)
+class DSGConfig(ZeroQConfig, DSGTerms):
+    """DSG (Zhang, Qin et al. 2021): ZeroQ's optimisation with slack margins (SDA) and layerwise sample
+    enhancement (LSE), plus the official code's extras; SDA, LSE and every extra off is ZeroQ exactly."""
+
+    method: Optional[Literal["dsg"]] = None
+    label_weight: float = Field(0.0, ge=0)  # cross-entropy to seeded random labels
+    tv_weight: float = Field(0.0, ge=0)  # L2 total variation of the jittered batch
+    l2_weight: float = Field(0.0, ge=0)  # mean per-image L2 norm of the jittered batch
+    jitter: int = Field(0, ge=0)  # priors see the batch rolled by a random offset in [-jitter, jitter) px
+    unbiased_std: bool = False  # per-sample variance: population (BN's) or unbiased (the code's torch.var)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:

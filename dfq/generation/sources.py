@@ -2,7 +2,8 @@
 
 A source is a named params group (generate.<name>) whose ``method`` (default: its name) is gaussian (N(0, 1)
 noise in the normalised input space), real (a seeded draw from the real pool), zeroq or dsg
-(``generators``). Several groups may run one method with other settings (the DSG ablations do).
+(``generators``), genie or genie_dsg (``genie``). Several groups may run one method with other settings
+(the DSG ablations do).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from dfq.generation.generators import DSGConfig, ZeroQConfig, batch_seed, dsg_batch, gaussian_batch, zeroq_batch
+from dfq.generation.genie import GenieConfig, GenieDSGConfig, genie_batch
 
-SOURCES = ("gaussian", "zeroq", "dsg", "real")
+SOURCES = ("gaussian", "zeroq", "dsg", "genie", "genie_dsg", "real")
 
 
 @dataclass(config=ConfigDict(extra="forbid"), frozen=True)
@@ -26,8 +28,15 @@ class PlainConfig:
     method: Optional[Literal["gaussian", "real"]] = None
 
 
-SourceConfig = Union[PlainConfig, ZeroQConfig, DSGConfig]
-CONFIGS = {"gaussian": PlainConfig, "real": PlainConfig, "zeroq": ZeroQConfig, "dsg": DSGConfig}
+SourceConfig = Union[PlainConfig, ZeroQConfig, DSGConfig, GenieConfig, GenieDSGConfig]
+CONFIGS = {
+    "gaussian": PlainConfig,
+    "real": PlainConfig,
+    "zeroq": ZeroQConfig,
+    "dsg": DSGConfig,
+    "genie": GenieConfig,
+    "genie_dsg": GenieDSGConfig,
+}
 
 
 def method_of(source: str, group: dict) -> str:
@@ -74,9 +83,10 @@ def generate_batch(
         model: the FP32 model the images are optimised against (unused by gaussian).
         shape: (B, C, H, W) of the batch.
         seed: the batch's seed (``batch_seed(set seed, batch index)``).
-        cfg: the source's typed config (PlainConfig, ZeroQConfig or DSGConfig); its method must be gaussian, zeroq or
-            dsg, else ValueError (real batches are drawn, not made here).
-        device: where zeroq and dsg optimise; the images come back on the CPU.
+        cfg: the source's typed config (PlainConfig, ZeroQConfig, DSGConfig, GenieConfig or GenieDSGConfig); its
+            method must be gaussian, zeroq, dsg, genie or genie_dsg, else ValueError (real batches are drawn, not
+            made here).
+        device: where the optimising methods run; the images come back on the CPU.
         desc: progress-bar label.
     """
     method = config_method(source, cfg)
@@ -87,4 +97,6 @@ def generate_batch(
         return x, info, None
     if method == "dsg":
         return dsg_batch(model, shape, seed, cfg, device=device, desc=desc)
+    if method in ("genie", "genie_dsg"):
+        return genie_batch(model, shape, seed, cfg, device=device, desc=desc)
     raise ValueError(f"generate source {source!r}: method {method!r} makes no synthetic batches here")

@@ -23,6 +23,7 @@ from dfq.fp32.models import ARCHS
 from dfq.fp32.train import TrainConfig
 from dfq.generation.sources import SOURCES, SourceConfig, method_of, source_config
 from dfq.quant.finetune import FinetuneConfig
+from dfq.quant.genie_m import genie_spec
 from dfq.quant.observers import ObserverConfig
 from dfq.quant.prepare import QuantSpec
 from dfq.quant.reconstruction import ReconConfig
@@ -182,7 +183,7 @@ class Quantize(Strict):
     mixed: Mixed
     spec: QuantSpec = QuantSpec()
     observer: ObserverConfig = ObserverConfig()
-    rounding: Literal["nearest", "adaround", "brecq", "qdrop"] = "nearest"
+    rounding: Literal["nearest", "adaround", "brecq", "qdrop", "genie"] = "nearest"
     reconstruction: ReconConfig = ReconConfig()
 
     @model_validator(mode="before")
@@ -194,6 +195,13 @@ class Quantize(Strict):
         for group, keys in NESTED.items():
             v[group] = {k: v.pop(k) for k in keys if k in v}
         return v
+
+    @model_validator(mode="after")
+    def genie_edges(self):
+        """rounding genie with bit_rule: the spec every stage prepares with carries Genie's first/second/last-layer
+        bits (``genie_spec``; a ValueError naming bit_rule under the zeroq protocol)."""
+        self.spec = genie_spec(self.spec, self.rounding, self.reconstruction.genie)
+        return self
 
     @property
     def cells(self) -> list[str]:
