@@ -200,7 +200,11 @@ class Quantize(Strict):
     def genie_edges(self):
         """rounding genie with bit_rule: the spec every stage prepares with carries Genie's first/second/last-layer
         bits (``genie_spec``; a ValueError naming bit_rule under the zeroq protocol)."""
-        self.spec = genie_spec(self.spec, self.rounding, self.reconstruction.genie)
+        try:
+            self.spec = genie_spec(self.spec, self.rounding, self.reconstruction.genie)
+        except ValueError as exc:
+            what = f"quantize.rounding={self.rounding} with quantize.protocol={self.spec.protocol}"
+            raise ValueError(f"{what}: {exc}") from None
         return self
 
     @property
