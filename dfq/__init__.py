@@ -1,4 +1,4 @@
-"""dfq: data-free quantization of PyTorch CNNs (ZeroQ, DSG) as a library, in layers.
+"""dfq: data-free quantization of PyTorch CNNs (ZeroQ, DSG, Genie) as a library, in layers.
 
 The library never reads params.yaml or argv; the thin scripts in ``stages/`` do that and call it. Importing
 ``dfq`` imports nothing else: every DVC stage depends on the code it imports and no more (dvc.yaml's deps are
@@ -13,10 +13,12 @@ Entry points, bottom to top:
   prepare_fashion_mnist, prepare_image_folders), ``dfq.fp32.train`` (TrainConfig, train_classifier),
   ``dfq.fp32.evaluate`` (evaluate, split_accuracy);
 - generation: ``dfq.generation.generators`` (ZeroQConfig, DSGConfig, zeroq_batch, dsg_batch),
+  ``dfq.generation.genie`` (GenieConfig, GenieDSGConfig, genie_batch),
   ``dfq.generation.sources`` (source_config, generate_batch, real_subset), ``dfq.generation.sharding``
   (make_set), ``dfq.generation.diversity`` (diagnose);
 - quantization: ``dfq.quant.prepare`` (QuantSpec, prepare, calibrate, load_quantized), ``dfq.quant.observers``
   (ObserverConfig), ``dfq.quant.bias`` (round_biases), ``dfq.quant.reconstruction`` (ReconConfig, reconstruct),
+  ``dfq.quant.genie_m`` (GenieMConfig, genie_spec),
   ``dfq.quant.finetune`` (FinetuneConfig, finetune), ``dfq.quant.sensitivity`` (measure, allocate_cell);
 - deployment: ``dfq.deploy.qdq`` (to_onnx), ``dfq.deploy.runtime`` (session, evaluate_onnx, integer_report),
   ``dfq.deploy.quant_map`` (quant_map);
