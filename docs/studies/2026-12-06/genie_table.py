@@ -3,7 +3,8 @@
 `python docs/studies/2026-12-06/genie_table.py OUT.csv RUN_DIR...`: each RUN_DIR is a clone that ran
 profiles/cifar10-resnet20-genie.yaml with one quantize.rounding; every metrics/eval/*.json there becomes a CSV
 row, and the table prints test and validation top-1, mean +- std (sample std) over the seeds, per bits x
-rounding x source, with the number of seeds.
+rounding x source, with the number of seeds. Only brecq-protocol cells are read (a clone also holds the default
+pipeline's committed zeroq-protocol metrics).
 """
 
 import json
@@ -18,6 +19,8 @@ def main(out: str, *runs: str) -> None:
     for run in runs:
         for f in sorted(Path(run, "metrics", "eval").glob("*.json")):
             m = json.loads(f.read_text())
+            if m.get("protocol") != "brecq":
+                continue
             rows.append({k: m.get(k) for k in ("source", "seed", "bits", "rounding", "top1", "val_top1")})
     df = pd.DataFrame(rows).sort_values(["bits", "rounding", "source", "seed"])
     df.to_csv(out, index=False)
@@ -25,7 +28,7 @@ def main(out: str, *runs: str) -> None:
     table = g.agg(n=("seed", "count"), top1=("top1", "mean"), sd=("top1", "std"), val=("val_top1", "mean"))
     table["val_sd"] = g["val_top1"].std()
     for (bits, rounding, source), r in table.iterrows():
-        print(f"| {bits} | {rounding} | {source} | {r.top1:.2f} ± {r.sd:.2f} | {r.val:.2f} ± {r.val_sd:.2f} | {r.n} |")
+        print(f"| {bits} | {rounding} | {source} | {r.top1:.2f} ± {r.sd:.2f} | {r.val:.2f} ± {r.val_sd:.2f} | {int(r.n)} |")
 
 
 if __name__ == "__main__":
