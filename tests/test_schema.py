@@ -121,7 +121,11 @@ BAD = [
     ("quantize.percentile", 120, "quantize.percentile: Input should be less than or equal to 100"),
     ("quantize.ema_momentum", 1.0, "quantize.ema_momentum: Input should be less than 1"),
     ("quantize.protocol", "tensorrt", "quantize.protocol: Input should be 'zeroq' or 'brecq'"),
-    ("quantize.rounding", "stochastic", "quantize.rounding: Input should be 'nearest', 'adaround', 'brecq', 'qdrop' or 'genie'"),
+    (
+        "quantize.rounding",
+        "stochastic",
+        "quantize.rounding: Input should be 'nearest', 'adaround', 'brecq', 'qdrop' or 'genie'",
+    ),
     ("quantize.rounding", "genie", "set quantize.reconstruction.genie.bit_rule false"),  # Genie's bit rule needs brecq
     ("quantize.weight_scheme", "pot", "quantize.weight_scheme: Input should be 'asymmetric' or 'symmetric'"),
     ("quantize.bias", "int8", "quantize.bias: Input should be 'int32' or 'float'"),
