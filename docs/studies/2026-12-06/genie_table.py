@@ -1,10 +1,11 @@
 """The Genie study's table (docs/results/2026-12-06-genie.md) from the evaluate metrics of its runs.
 
-`python docs/studies/2026-12-06/genie_table.py OUT.csv RUN_DIR...`: each RUN_DIR is a clone that ran
+`python docs/studies/2026-12-06/genie_table.py OUT.csv RUN_DIR[=LABEL]...`: each RUN_DIR is a clone that ran
 profiles/cifar10-resnet20-genie.yaml with one quantize.rounding; every metrics/eval/*.json there becomes a CSV
-row, and the table prints test and validation top-1, mean +- std (sample std) over the seeds, per bits x
-rounding x source, with the number of seeds. Only brecq-protocol cells are read (a clone also holds the default
-pipeline's committed zeroq-protocol metrics).
+row, its rounding column LABEL when given (evaluate's metrics do not record genie's bit_rule). The table prints
+test and validation top-1, mean +- std (sample std) over the seeds, per bits x rounding x source, with the
+number of seeds. Only brecq-protocol cells are read (a clone also holds the default pipeline's committed
+zeroq-protocol metrics).
 """
 
 import json
@@ -16,19 +17,23 @@ import pandas as pd
 
 def main(out: str, *runs: str) -> None:
     rows = []
-    for run in runs:
+    for arg in runs:
+        run, _, label = arg.partition("=")
         for f in sorted(Path(run, "metrics", "eval").glob("*.json")):
             m = json.loads(f.read_text())
             if m.get("protocol") != "brecq":
                 continue
-            rows.append({k: m.get(k) for k in ("source", "seed", "bits", "rounding", "top1", "val_top1")})
+            row = {k: m.get(k) for k in ("source", "seed", "bits", "rounding", "top1", "val_top1")}
+            row["rounding"] = label or row["rounding"]
+            rows.append(row)
     df = pd.DataFrame(rows).sort_values(["bits", "rounding", "source", "seed"])
     df.to_csv(out, index=False)
     g = df.groupby(["bits", "rounding", "source"])
     table = g.agg(n=("seed", "count"), top1=("top1", "mean"), sd=("top1", "std"), val=("val_top1", "mean"))
     table["val_sd"] = g["val_top1"].std()
     for (bits, rounding, source), r in table.iterrows():
-        print(f"| {bits} | {rounding} | {source} | {r.top1:.2f} ± {r.sd:.2f} | {r.val:.2f} ± {r.val_sd:.2f} | {int(r.n)} |")
+        test, val = f"{r.top1:.2f} ± {r.sd:.2f}", f"{r.val:.2f} ± {r.val_sd:.2f}"
+        print(f"| {bits} | {rounding} | {source} | {test} | {val} | {int(r.n)} |")
 
 
 if __name__ == "__main__":
