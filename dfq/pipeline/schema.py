@@ -1,12 +1,11 @@
 """One typed schema for params.yaml (pydantic). Stages validate the whole file before any work.
 
-``validate(params)`` returns the parsed ``Params`` (stages read its attributes) or raises ``ParamsError``
-whose message names every offending key and says what is allowed. The schema composes the library's own
-config classes (TrainConfig, ZeroQConfig/DSGConfig, QuantSpec, ObserverConfig, ReconConfig, FinetuneConfig),
-each declared once next to its code with its constraints; what is declared here is only the pipeline's
-own shape: which sets, seeds and cells to run. ``check_paths`` (here) and ``dfq.pipeline.checks.check_model``
-add the checks that need the file system or the model. The library never reads params.yaml itself: callers pass
-the dict.
+``validate(params)`` returns the parsed ``Params`` (stages read its attributes) or raises ``ParamsError`` whose
+message names every offending key and says what is allowed. The schema composes the library's own config classes
+(TrainConfig, the sources' configs, QuantSpec, ObserverConfig, ReconConfig with GenieMConfig, FinetuneConfig), each
+declared once next to its code; only the pipeline's own shape is declared here: which sets, seeds and cells to run.
+``check_paths`` (here) and ``dfq.pipeline.checks.check_model`` add the checks that need the file system or the
+model. The library never reads params.yaml itself: callers pass the dict.
 """
 
 from __future__ import annotations
@@ -123,7 +122,7 @@ class Generate(BaseModel):
         return self
 
     def config(self, source: str) -> SourceConfig:
-        """The typed config of a source's params group (ZeroQConfig, DSGConfig or PlainConfig)."""
+        """The typed config of a source's params group (``dfq.generation.sources.CONFIGS``)."""
         return source_config(source, self.group(source))
 
     def group(self, source: str) -> dict:
@@ -135,8 +134,8 @@ class Generate(BaseModel):
 
 
 class Mixed(Strict):
-    """Mixed-precision cells mp<B>a<A> (B: average weight bits over the allocatable layers, A: activation
-    bits) and the candidate weight bit-widths the sensitivity stage measures and the allocation picks from."""
+    """Mixed-precision cells mp<B>a<A> (B: average weight bits over the allocatable layers, A: activation bits) and
+    the candidate weight bit-widths the sensitivity stage measures and the allocation picks from."""
 
     cells: list[str] = []
     candidates: list[int] = Field(min_length=1)
@@ -198,13 +197,11 @@ class Quantize(Strict):
 
     @model_validator(mode="after")
     def genie_edges(self):
-        """rounding genie with bit_rule: the spec every stage prepares with carries Genie's first/second/last-layer
-        bits (``genie_spec``; a ValueError naming bit_rule under the zeroq protocol)."""
+        """rounding genie: the spec every stage prepares with carries Genie's bit rule (``genie_spec``)."""
         try:
             self.spec = genie_spec(self.spec, self.rounding, self.reconstruction.genie)
         except ValueError as exc:
-            what = f"quantize.rounding={self.rounding} with quantize.protocol={self.spec.protocol}"
-            raise ValueError(f"{what}: {exc}") from None
+            raise ValueError(f"quantize.rounding={self.rounding}: {exc}") from None
         return self
 
     @property
@@ -296,10 +293,8 @@ class Params(Strict):
                 "quantize.bits or quantize.mixed.cells) to fine-tune, or use finetune.sources: []"
             )
         if f.num_images < self.data.num_images:
-            raise ValueError(
-                f"finetune.num_images={f.num_images} is below data.num_images={self.data.num_images}: "
-                "fine-tuning uses the calibration set and more"
-            )
+            n = f"finetune.num_images={f.num_images} is below data.num_images={self.data.num_images}"
+            raise ValueError(f"{n}: fine-tuning uses the calibration set and more")
         if f.num_images > self.data.real_pool and any(self.generate.method(s) == "real" for s in f.sources):
             raise ValueError(
                 f"finetune.num_images={f.num_images} is larger than data.real_pool={self.data.real_pool}: "
