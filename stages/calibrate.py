@@ -6,7 +6,7 @@ the sensitivity stage's measurements (metrics/sensitivity/<source>-s<seed>.json)
 the checkpoint and metrics/calibrate/<source>-s<seed>-<cell>.json.
 
 quantize.protocol picks the quantizer layout (zeroq | brecq), quantize.rounding the weight rounding (nearest |
-adaround | brecq | qdrop; on the set's cached tensors), quantize.bias int32 or float biases.
+adaround | brecq | qdrop | genie; on the set's cached tensors), quantize.bias int32 or float biases.
 """
 
 import sys
@@ -57,7 +57,8 @@ def main(calib_set: str, bits: str) -> None:
     info.update(images=n, int32_biases=biases, **summary(gm), **extra)
     save_torch({**info, "state_dict": {k: v.cpu() for k, v in gm.state_dict().items()}}, out)
     # wall time apart from the model, so that an unchanged result stays byte-identical (evaluate skipped)
-    metrics = dict(seconds=round(seconds, 1), rounding=q.rounding, protocol=q.spec.protocol, images=n)
+    spec = {k: v for k, v in q.spec.record().items() if k in ("protocol", "edges")}  # edges: Genie's bit rule
+    metrics = dict(seconds=round(seconds, 1), rounding=q.rounding, **spec, images=n)
     save_metrics(
         {**metrics, **weight_size(gm), **({"allocation": alloc} if alloc else {})}, paths.calibrate_metrics(cell)
     )

@@ -8,6 +8,8 @@ import sys
 from dfq.pipeline import paths
 from stages._common import device, read_params, save_metrics, setup_torch, workers
 
+RECORDED = ("protocol", "rounding", "weight_scheme", "weight_range", "act_method", "edges")  # edges: genie's only
+
 
 def main(calib_set: str, bits: str) -> None:
     batch_size = read_params().evaluate.batch_size
@@ -35,9 +37,7 @@ def main(calib_set: str, bits: str) -> None:
             "seed": seed,
             "bits": bits,
             **weight_size(gm),
-            **{
-                k: ckpt[k] for k in ("protocol", "rounding", "weight_scheme", "weight_range", "act_method") if k in ckpt
-            },
+            **{k: ckpt[k] for k in RECORDED if k in ckpt},
         },
         paths.eval_metrics(cell),
     )

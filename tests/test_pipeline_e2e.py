@@ -304,6 +304,18 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     assert "rounding `qdrop`" in (repo / "reports/results.md").read_text()
     latest = max(mlflow_runs(repo), key=lambda r: r.info.start_time)
     assert latest.data.params["quantize.rounding"] == "qdrop"
+    assert "edges" not in cell  # the protocol's own first/second/last-layer bits: not recorded
+
+    # Genie-M: its bit rule (first layer's input raw) is in the calibrate and evaluate metrics, not only the
+    # checkpoint; back to qdrop, the qdrop cell comes back from the run-cache
+    set_param(repo, "quantize.rounding", "genie")
+    assert {"calibrate@zeroq-0-w8a8", "evaluate@zeroq-0-w8a8"} <= ran(sh(["dvc", "repro"], repo, env))
+    for kind in ("calibrate", "eval"):
+        cell = json.loads((repo / f"metrics/{kind}/zeroq-s0-w8a8.json").read_text())
+        assert (cell["rounding"], cell["edges"]) == ("genie", "genie")
+    set_param(repo, "quantize.rounding", "qdrop")
+    sh(["dvc", "repro"], repo, env)
+    assert "edges" not in json.loads((repo / "metrics/eval/zeroq-s0-w8a8.json").read_text())
 
     # determinism: regenerating in a new process gives byte-identical synthetic tensors
     def batch_bytes():

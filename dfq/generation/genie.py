@@ -40,10 +40,9 @@ _CONFIG = ConfigDict(extra="forbid")
 
 
 @dataclass(config=_CONFIG, frozen=True)
-class GenieConfig:
-    """Genie-D, the official code's recipe except the iteration count (code: 4000 per batch of 128)."""
+class GenieCore:
+    """What Genie-D and genie_dsg share: the generator, the latents, swing and the two optimisers' schedules."""
 
-    method: Optional[Literal["genie"]] = None
     iterations: int = Field(500, gt=0)  # per batch
     generator: bool = True  # False: optimise the pixels themselves (the paper's ablation), with the latents' lr
     latent_dim: int = Field(256, gt=0)
@@ -56,18 +55,25 @@ class GenieConfig:
     gamma_every: int = Field(100, gt=0)  # ... every this many iterations
     swing: bool = True  # shift the input of every strided conv by a random -1/0/+1 px per axis
     swing_shortcuts: bool = False  # also shift strided parameter-free shortcuts (CIFAR option A); code: no
+
+
+@dataclass(config=_CONFIG, frozen=True)
+class GenieConfig(GenieCore):
+    """Genie-D, the official code's recipe except the iteration count (code: 4000 per batch of 128)."""
+
+    method: Optional[Literal["genie"]] = None
     statistics: Literal["batch", "sample"] = "batch"  # batch: Genie's loss; sample: ZeroQ's per-sample loss
     std_eps: float = Field(1e-6, ge=0)  # sigma = sqrt(running_var + std_eps) in the batch loss (not BN's eps)
 
 
 @dataclass(config=_CONFIG, frozen=True)
-class GenieDSGConfig(GenieConfig, DSGTerms):
+class GenieDSGConfig(GenieCore, DSGTerms):
     """Genie's generator, latents, swing and schedules optimising DSG's loss: per-sample statistics with slack
     margins (sda, eps, per_channel, margin_probe: gaussian | uniform | init = the first generator output) and
-    layerwise sample enhancement (lse, lse_weight, lse_tied)."""
+    layerwise sample enhancement (lse, lse_weight, lse_tied). DSG's loss is per-sample (LSE weighs samples), so
+    there is no ``statistics`` and no ``std_eps`` (Genie's batch loss only)."""
 
     method: Optional[Literal["genie_dsg"]] = None
-    statistics: Literal["sample"] = "sample"  # DSG's loss is per-sample (LSE weighs samples)
 
 
 class Generator(nn.Module):
@@ -188,7 +194,7 @@ def seeds_of(seed: int) -> dict[str, int]:
     return {"init": seed ^ 0x9E3779B97F4A7C15 >> 1, "latents": seed, "swing": seed ^ 0x3C6EF372FE94F82B >> 1}
 
 
-def _inputs(cfg: GenieConfig, shape: tuple[int, ...], seed: int, device) -> tuple[nn.Module | None, torch.Tensor]:
+def _inputs(cfg: GenieCore, shape: tuple[int, ...], seed: int, device) -> tuple[nn.Module | None, torch.Tensor]:
     """A fresh generator (seeded init, train mode) and its latents, or (None, starting pixels N(0, 1))."""
     seeds = seeds_of(seed)
     if not cfg.generator:
@@ -203,21 +209,32 @@ def _inputs(cfg: GenieConfig, shape: tuple[int, ...], seed: int, device) -> tupl
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # images -> loss, the model's forward inside
 
 
-def _loss_fn(model: nn.Module, stats: BNInputStats, cfg: GenieConfig, margins, weights) -> LossFn:
-    """images -> the batch's loss: genie_dsg's DSG loss, Genie's batch loss, or ZeroQ's per-sample loss."""
+def genie_loss_fn(
+    model: nn.Module, stats: BNInputStats, cfg: GenieConfig | GenieDSGConfig, margins=None, weights=None
+) -> LossFn:
+    """images -> the batch's loss: genie_dsg's DSG loss, Genie's batch loss, or ZeroQ's per-sample loss.
 
-    sigma = genie_sigma(stats, cfg.std_eps)
+    Args:
+        model: the frozen FP32 model, run inside the returned function.
+        stats: the ``BNInputStats`` hooked on ``model`` (entered).
+        cfg: ``GenieDSGConfig``: DSG's loss; ``GenieConfig``: ``statistics`` batch (Genie's) or sample (ZeroQ's).
+        margins: genie_dsg's SDA margins (``compute_margins``), or None: no slack.
+        weights: genie_dsg's LSE weights (``lse_weights``), or None: every sample and layer weighs 1.
+    """
+
+    dsg = isinstance(cfg, GenieDSGConfig)
+    sigma = None if dsg else genie_sigma(stats, cfg.std_eps)
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         logits = model(x)
-        if isinstance(cfg, GenieDSGConfig):
+        if dsg:
             return dsg_loss(x, stats, margins, weights)
         return genie_loss(x, stats, sigma) if cfg.statistics == "batch" else zeroq_loss(x, stats, logits)
 
     return loss_fn
 
 
-def optimize_latents(gen: nn.Module | None, z: torch.Tensor, loss_fn: LossFn, cfg: GenieConfig, desc="genie"):
+def optimize_latents(gen: nn.Module | None, z: torch.Tensor, loss_fn: LossFn, cfg: GenieCore, desc="genie"):
     """Genie's optimisation: Adam on the latents ``z`` (lr_latent, plateau-decayed) and on the generator
     (lr_generator x gamma every gamma_every iterations). Returns the batch of the last iteration (detached) and
     {"loss_start", "loss_end", "iterations", "seconds", "seconds_per_iter"}; a NaN or infinite loss stops with an
@@ -295,7 +312,7 @@ def genie_batch(
     if dsg and cfg.lse:
         weights = lse_weights(shape[0], len(bn_layers(model)), cfg.lse_weight, cfg.lse_tied).to(device)
     with frozen(model), Swing(moving, shifts), BNInputStats(model).to(device) as stats:
-        x, info = optimize_latents(gen, z, _loss_fn(model, stats, cfg, margins, weights), cfg, desc)
+        x, info = optimize_latents(gen, z, genie_loss_fn(model, stats, cfg, margins, weights), cfg, desc)
     saved = None
     if margins is not None:
         saved = {"mean": [m.cpu() for m in margins[0]], "std": [g.cpu() for g in margins[1]], "eps": cfg.eps}

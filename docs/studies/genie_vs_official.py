@@ -6,7 +6,7 @@
 Both start from one generator initialisation (the official module's weights copied into ours by name) and one
 latent matrix (16 x 256); the official ``distill_data`` runs on the CPU (its .cuda() calls made no-ops, its
 ReduceLROnPlateau ``verbose`` argument dropped for torch >= 2.7) and ours through ``optimize_latents`` with
-``_loss_fn``. Swing shifts: both draw from numpy's global RNG, reseeded to 0, in the official order (column offset,
+``genie_loss_fn``. Swing shifts: both draw from numpy's global RNG, reseeded to 0, in the official order (column offset,
 then row offset, per strided conv per forward), so both see the same shifts; ``--no-swing`` forces shift (1, 1)
 in the official code and turns swing off in ours. Prints the relative difference of the two batches after ITERS
 iterations (the batch of the last iteration, as the official code keeps it). Nothing of the official code is in
@@ -70,7 +70,7 @@ def _ours(m, g, z0, iters: int, swing: bool) -> torch.Tensor:
     moving = ours.swing_modules(m, False, (2, 3, 32, 32)) if swing else []
     np.random.seed(0)
     with frozen(m), ours.Swing(moving, None), BNInputStats(m) as stats:
-        return ours.optimize_latents(g.train(), z0, ours._loss_fn(m, stats, cfg, None, None), cfg)[0]
+        return ours.optimize_latents(g.train(), z0, ours.genie_loss_fn(m, stats, cfg), cfg)[0]
 
 
 def main(official: str, weights: str, iters: str, *flags: str) -> None:
