@@ -79,6 +79,35 @@ def repo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def reproduced(repo, env):
+    """The output of the first `dvc repro` of the tiny pipeline: every test starts from a reproduced clone, so each
+    passes when selected alone (`pytest -k NAME`); in file order the first test asserts on this run."""
+    return sh(["dvc", "repro"], repo, env)
+
+
+# The params the first test leaves (brecq protocol, qdrop rounding, one source, seed and cell): the later tests
+# start from them; settle() sets them and reproduces (a no-op when the first test ran just before).
+SETTLED = {
+    "generate.seeds": [0],
+    "generate.sources": ["zeroq"],
+    "generate.zeroq.iterations": 6,
+    "quantize.bits": ["w8a8"],
+    "quantize.act_method": "percentile",
+    "quantize.protocol": "brecq",
+    "quantize.rounding": "qdrop",
+    "quantize.reconstruction.iterations": 3,
+    "quantize.mixed.cells": [],
+    "finetune.sources": [],
+}
+
+
+def settle(repo, env):
+    for k, v in SETTLED.items():
+        set_param(repo, k, v)
+    sh(["dvc", "repro"], repo, env)
+
+
+@pytest.fixture(scope="module")
 def env():
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     e.update(
@@ -122,8 +151,8 @@ def table_row(results_md, source):
 CELLS = [f"{s}-{k}-{b}" for s in ("zeroq", "real") for k in (0,) for b in ("w8a8", "w2a2")]
 
 
-def test_repro_metrics_tracking_and_granularity(repo, env):
-    out = sh(["dvc", "repro"], repo, env)
+def test_repro_metrics_tracking_and_granularity(repo, env, reproduced):
+    out = reproduced
     assert ran(out) == {
         "data",
         "fp32",
@@ -339,10 +368,11 @@ def test_repro_metrics_tracking_and_granularity(repo, env):
     }
 
 
-def test_mixed_precision_cells(repo, env):
-    """A mixed cell (brecq protocol, qdrop rounding: the state the test above leaves) adds its calibrate_mixed
-    and evaluate_mixed stages and reruns no uniform stage nor relogs a uniform run; its candidates rerun the
-    sensitivity stage and the mixed cells only."""
+def test_mixed_precision_cells(repo, env, reproduced):
+    """A mixed cell (brecq protocol, qdrop rounding: SETTLED, the state the first test leaves) adds its
+    calibrate_mixed and evaluate_mixed stages and reruns no uniform stage nor relogs a uniform run; its candidates
+    rerun the sensitivity stage and the mixed cells only."""
+    settle(repo, env)
     before = len(mlflow_runs(repo))
     set_param(repo, "quantize.mixed.cells", ["mp5a8"])
     assert ran(sh(["dvc", "repro"], repo, env)) == {
@@ -389,10 +419,11 @@ def test_mixed_precision_cells(repo, env):
     assert ran(sh(["dvc", "repro"], repo, env)) == {"report", "track"}
 
 
-def test_finetune_cells(repo, env):
+def test_finetune_cells(repo, env, reproduced):
     """Fine-tuning a cell adds its set's extra images, its finetune and evaluate_finetune stages (nothing upstream
     reruns), a results section and MLflow runs; a training param reruns the fine-tuning only; a fine-tuning killed
     mid-run resumes from its last epoch and ends with the weights of an uninterrupted run."""
+    settle(repo, env)
     before = len(mlflow_runs(repo))
     fp32 = json.loads((repo / "metrics/fp32.json").read_text())
     set_param(repo, "finetune.sources", ["zeroq"])
@@ -487,7 +518,7 @@ def torch_equal(a, b):
     return a.shape == b.shape and torch.equal(a, b)
 
 
-def test_share_through_the_default_remote(repo, env, tmp_path):
+def test_share_through_the_default_remote(repo, env, reproduced, tmp_path):
     """dvc push --run-cache from one clone; a fresh clone pulls and reproduces without generating."""
     sh(["git", "add", "-A"], repo)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], repo)
@@ -503,7 +534,7 @@ def test_share_through_the_default_remote(repo, env, tmp_path):
     assert len(list((clone / "data/calib/zeroq-s0").glob("batch_*.pt"))) == 1
 
 
-def test_queued_sweep_logs_every_experiment_to_one_database(repo, env):
+def test_queued_sweep_logs_every_experiment_to_one_database(repo, env, reproduced):
     """`dvc exp run --queue` over a grid + `dvc queue start -j 2`: experiments run in temp copies and
     all log to the main repo's SQLite database (absolute path from DVC_ROOT)."""
     before = len(mlflow_runs(repo))
@@ -562,7 +593,7 @@ def s3_server():
         proc.wait(timeout=20)
 
 
-def test_share_through_an_s3_remote(repo, env, tmp_path, s3_server):
+def test_share_through_an_s3_remote(repo, env, reproduced, tmp_path, s3_server):
     pytest.importorskip("dvc_s3")
     boto3 = pytest.importorskip("boto3")
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
