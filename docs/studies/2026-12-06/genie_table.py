@@ -1,11 +1,12 @@
 """The Genie study's table (docs/results/2026-12-06-genie.md) from the evaluate metrics of its runs.
 
-`python docs/studies/2026-12-06/genie_table.py OUT.csv RUN_DIR[=LABEL]...`: each RUN_DIR is a clone that ran
-profiles/cifar10-resnet20-genie.yaml with one quantize.rounding; every metrics/eval/*.json there becomes a CSV
-row, its rounding column LABEL when given (evaluate's metrics do not record genie's bit_rule). The table prints
-test and validation top-1, mean +- std (sample std) over the seeds, per bits x rounding x source, with the
-number of seeds. Only brecq-protocol cells are read (a clone also holds the default pipeline's committed
-zeroq-protocol metrics).
+`python docs/studies/2026-12-06/genie_table.py OUT.csv [--protocol P] RUN_DIR[=LABEL]...`: each RUN_DIR is a
+clone that ran profiles/cifar10-resnet20-genie.yaml with one quantize.rounding; every metrics/eval/*.json there
+becomes a CSV row, its rounding column LABEL when given (the study's commit predates `edges` in evaluate's
+metrics). The table prints test and validation top-1, mean +- std (sample std) over the seeds, per bits x
+rounding x source, with the number of seeds. Only cells of protocol P (default brecq) are read (a study clone
+also holds the default pipeline's committed zeroq-protocol metrics); `--protocol zeroq` over a clone of the
+default pipeline with more sources and seeds tabulates the default model.
 """
 
 import json
@@ -16,12 +17,15 @@ import pandas as pd
 
 
 def main(out: str, *runs: str) -> None:
+    protocol = "brecq"
+    if runs[:1] == ("--protocol",):
+        protocol, runs = runs[1], runs[2:]
     rows = []
     for arg in runs:
         run, _, label = arg.partition("=")
         for f in sorted(Path(run, "metrics", "eval").glob("*.json")):
             m = json.loads(f.read_text())
-            if m.get("protocol") != "brecq":
+            if m.get("protocol") != protocol:
                 continue
             row = {k: m.get(k) for k in ("source", "seed", "bits", "rounding", "top1", "val_top1")}
             row["rounding"] = label or row["rounding"]
