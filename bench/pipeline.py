@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START = re.compile(r"Running stage '([^']+)'")
-END = re.compile(r"^(Updating lock file|Stage '[^']+' is cached|Restored stage)")
+END = re.compile(r"^(Updating lock file|Stage '[^']+' is cached)")  # DVC's lines that end a stage
 
 
 def stage_times(lines: list[tuple[float, str]]) -> dict[str, float]:
