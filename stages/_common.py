@@ -46,12 +46,15 @@ def read_params():
 
 
 def setup_torch():
-    """Import torch with the thread count fixed (DFQ_THREADS, default: all cores)."""
+    """Import torch with the thread count fixed: DFQ_THREADS, default torch's count (the cores) shared by the dfq
+    processes running now (dfq.threads: one thread each when two share 2 cores)."""
     import torch
 
+    from dfq import threads as registry
+
+    registry.register()
     threads = int(os.environ.get("DFQ_THREADS", "0") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads if threads > 0 else registry.default_threads(torch.get_num_threads()))
     return torch
 
 

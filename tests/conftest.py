@@ -1,11 +1,29 @@
 """Shared fixtures. dfq imports from its editable install (make setup: pip install -e .); stages, cli, bench and
 tests import from the repository root (pyproject.toml: [tool.pytest.ini_options] pythonpath)."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(2)
+from dfq import threads
+
+# Under pytest-xdist (make test: -n 2) the workers share the cores: one torch thread each, registered (dfq.threads)
+# so that the stages the tests run take one thread as well.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    threads.register()
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
+
+LONGEST_FIRST = ("test_pipeline_e2e.py",)  # what the other files' tests run beside when xdist starts it first
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The end-to-end file first (then the others in file order): xdist's --dist loadfile then runs the rest of
+    the suite on the other worker while it runs."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
 
 
 class TinyBN(nn.Module):

@@ -108,7 +108,7 @@ def settle(repo, env):
 
 
 @pytest.fixture(scope="module")
-def env():
+def env(tmp_path_factory):
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     e.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}",
@@ -116,6 +116,10 @@ def env():
         TQDM_DISABLE="1",
         MLFLOW_DISABLE_TELEMETRY="true",
     )
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the other worker shares the cores (conftest.py)
+        e.setdefault("DFQ_THREADS", "1")
+    else:  # only this file's stages count (dfq.threads): check_env's thread count does not depend on other runs
+        e["DFQ_PROC_DIR"] = str(tmp_path_factory.mktemp("procs"))
     return e
 
 

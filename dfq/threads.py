@@ -1,0 +1,85 @@
+"""How many torch threads a process takes by default: the cores, shared by the dfq processes running now.
+
+torch's default gives every process one thread per core. Two processes on the same cores then run twice as many
+threads as there are cores, and OpenMP's spin-waiting makes each several times slower (two DVC jobs with two
+threads each on 2 cores slowed generation 5-7x). So every stage registers its process in a folder of the temp
+directory (``registry``: one file per process, named by its pid and holding its start time, removed at exit),
+and takes ``cores // live processes`` threads, at least one. The count is taken once, when the process starts:
+a process that started alone keeps its threads until it ends, and every process started beside it takes fewer.
+
+The thread count changes the kernels' reduction order, so bytes: a stage records the count it ran with (its
+``env``, dfq.provenance), and ``DFQ_THREADS`` (environment, read by the stages) fixes it for exact repeats.
+Bottom layer: the standard library only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def registry() -> Path:
+    """The folder of live dfq processes: ``DFQ_PROC_DIR``, else ``dfq-procs-<uid>`` in the temp directory."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(os.environ.get("DFQ_PROC_DIR") or Path(tempfile.gettempdir()) / f"dfq-procs-{uid}")
+
+
+def start_time(pid: int) -> str:
+    """The process's start time (clock ticks after boot, /proc/<pid>/stat field 22) on Linux, '' elsewhere or when
+    the process does not exist; it tells a live process from a later one that reuses a dead one's pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rpartition(")")[2].split()[19]
+
+
+def alive(pid: int, started: str) -> bool:
+    """Whether process ``pid`` runs and is the one that registered (same start time, where the OS tells it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = start_time(pid)
+    return not (started and now and now != started)
+
+
+def live(folder: Path | None = None) -> list[int]:
+    """The pids of the registered processes that still run; the files of those that ended are removed."""
+    folder = folder or registry()
+    pids = []
+    for f in sorted(folder.glob("*.pid")) if folder.is_dir() else []:
+        try:
+            pid, started = int(f.stem), f.read_text().strip()
+        except (OSError, ValueError):
+            continue  # being written or removed right now; a ValueError: not ours
+        if alive(pid, started):
+            pids.append(pid)
+        else:
+            with contextlib.suppress(OSError):
+                f.unlink()
+    return pids
+
+
+def register(folder: Path | None = None) -> Path:
+    """Register this process (its file is removed at exit; a killed process's file is removed by the next
+    ``live``). Returns the file."""
+    folder = folder or registry()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{os.getpid()}.pid"
+    tmp = folder / f".{os.getpid()}.tmp"
+    tmp.write_text(start_time(os.getpid()))
+    tmp.replace(path)
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and path.unlink(missing_ok=True))  # not in forked children
+    return path
+
+
+def default_threads(cores: int, folder: Path | None = None) -> int:
+    """``cores // n`` (at least 1), n = the live registered processes, this one included when registered."""
+    return max(1, cores // max(1, len(live(folder))))
