@@ -39,10 +39,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 # The suite on TEST_WORKERS pytest-xdist workers, a test file per worker at a time: the end-to-end file (first,
-# tests/conftest.py) on one, the rest beside it; one torch thread each. TEST_WORKERS=0: one process.
+# tests/conftest.py) on one, the rest beside it. TEST_WORKERS=0: one process. The 15 slowest tests are listed.
 TEST_WORKERS ?= 2
 test: setup lint
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # After `dvc pull` (or `dvc exp apply` of a pulled experiment): a teammate's MLflow runs rebuilt from the pulled
 # metrics and dvc.lock, without rerunning any stage; idempotent (runs already logged with the same inputs are skipped).

@@ -10,7 +10,7 @@ from torch import nn
 from dfq import threads
 
 # Under pytest-xdist (make test: -n 2) the workers share the cores: one torch thread each, registered (dfq.threads)
-# so that the stages the tests run take one thread as well.
+# so that the stages the tests run take one thread as well (the end-to-end file counts its own stages only).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     threads.register()
     torch.set_num_threads(1)

@@ -116,10 +116,9 @@ def env(tmp_path_factory):
         TQDM_DISABLE="1",
         MLFLOW_DISABLE_TELEMETRY="true",
     )
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # the other worker shares the cores (conftest.py)
-        e.setdefault("DFQ_THREADS", "1")
-    else:  # only this file's stages count (dfq.threads): check_env's thread count does not depend on other runs
-        e["DFQ_PROC_DIR"] = str(tmp_path_factory.mktemp("procs"))
+    # only this file's stages count (dfq.threads): check_env's thread count does not depend on what else runs, and
+    # under xdist the stages keep both threads once the other worker has run out of test files (a few minutes)
+    e["DFQ_PROC_DIR"] = str(tmp_path_factory.mktemp("procs"))
     return e
 
 

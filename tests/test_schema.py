@@ -156,7 +156,7 @@ def test_defaults_are_valid():
     validate(GOOD)
 
 
-@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD])
+@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={'<deleted>' if v is DELETE else repr(v)}"[:40] for k, v, _ in BAD])
 def test_bad_input_is_named(key, value, message):
     with pytest.raises(ParamsError) as err:
         validate(with_change(key, value))
