@@ -156,7 +156,10 @@ def test_defaults_are_valid():
     validate(GOOD)
 
 
-@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={'<deleted>' if v is DELETE else repr(v)}"[:40] for k, v, _ in BAD])
+BAD_IDS = [f"{k}={'<deleted>' if v is DELETE else repr(v)}"[:40] for k, v, _ in BAD]  # the same in every process
+
+
+@pytest.mark.parametrize("key,value,message", BAD, ids=BAD_IDS)
 def test_bad_input_is_named(key, value, message):
     with pytest.raises(ParamsError) as err:
         validate(with_change(key, value))
