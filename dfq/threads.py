@@ -38,7 +38,8 @@ def start_time(pid: int) -> str:
 
 
 def alive(pid: int, started: str) -> bool:
-    """Whether process ``pid`` runs and is the one that registered (same start time, where the OS tells it)."""
+    """Whether process ``pid`` runs and is the one that registered (same start time, where the OS tells it). POSIX
+    only: on Windows os.kill(pid, 0) would send a Ctrl-C, so there the registry is off (``enabled``)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -49,8 +50,16 @@ def alive(pid: int, started: str) -> bool:
     return not (started and now and now != started)
 
 
+def enabled() -> bool:
+    """The registry works where processes can be probed without a signal: POSIX (Linux, macOS)."""
+    return os.name == "posix"
+
+
 def live(folder: Path | None = None) -> list[int]:
-    """The pids of the registered processes that still run; the files of those that ended are removed."""
+    """The pids of the registered processes that still run; the files of those that ended are removed. Empty where
+    the registry is off."""
+    if not enabled():
+        return []
     folder = folder or registry()
     pids = []
     for f in sorted(folder.glob("*.pid")) if folder.is_dir() else []:
@@ -66,9 +75,11 @@ def live(folder: Path | None = None) -> list[int]:
     return pids
 
 
-def register(folder: Path | None = None) -> Path:
+def register(folder: Path | None = None) -> Path | None:
     """Register this process (its file is removed at exit; a killed process's file is removed by the next
-    ``live``). Returns the file."""
+    ``live``). Returns the file; None where the registry is off (``enabled``)."""
+    if not enabled():
+        return None
     folder = folder or registry()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{os.getpid()}.pid"

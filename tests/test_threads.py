@@ -83,3 +83,13 @@ def test_setup_torch_shares_the_cores_and_dfq_threads_overrides(tmp_path):
         assert run.stdout.split() == [str(cores), "3"], run.stderr
     finally:
         other.communicate("")
+
+
+def test_off_where_processes_cannot_be_probed(tmp_path, monkeypatch):
+    other = _sleeper(tmp_path)  # registered while the registry works (POSIX)
+    try:
+        monkeypatch.setattr(threads.os, "name", "nt")  # Windows: os.kill(pid, 0) would send a Ctrl-C
+        assert threads.register(tmp_path) is None and threads.live(tmp_path) == []
+        assert threads.default_threads(4, tmp_path) == 4  # torch's default, as before the registry
+    finally:
+        other.communicate("")
