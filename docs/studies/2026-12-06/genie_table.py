@@ -30,7 +30,8 @@ def main(out: str, *runs: str) -> None:
             row = {k: m.get(k) for k in ("source", "seed", "bits", "rounding", "top1", "val_top1")}
             row["rounding"] = label or row["rounding"]
             rows.append(row)
-    df = pd.DataFrame(rows).sort_values(["bits", "rounding", "source", "seed"])
+    # a clone copied from another (the W2A4 clones from the W3A3 ones) holds that one's cells too: each cell once
+    df = pd.DataFrame(rows).drop_duplicates().sort_values(["bits", "rounding", "source", "seed"])
     df.to_csv(out, index=False)
     g = df.groupby(["bits", "rounding", "source"])
     table = g.agg(n=("seed", "count"), top1=("top1", "mean"), sd=("top1", "std"), val=("val_top1", "mean"))
