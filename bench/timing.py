@@ -3,10 +3,16 @@
 Generation cost is compared with two floors measured in the same process on the same model and batch:
 - frozen: forward + backward to the INPUT with the weights frozen (all that generation needs);
 - weights: forward + backward with weight gradients too (what the official ZeroQ/DSG code pays).
+A reconstruction step is compared with the forward + backward of the same unit in FP32 (weight gradients on) on the
+same number of cached rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import io
 import resource
 import statistics
 import time
@@ -115,13 +121,15 @@ def paired_generation_ratios(
 
 
 def paired_eval_ratio(
-    fp32: nn.Module, quantized: nn.Module, batches: list[torch.Tensor], rounds: int = 7, device="cpu"
+    fp32: nn.Module, quantized: nn.Module, batches: list[torch.Tensor], rounds: int = 7, device="cpu", repeats: int = 3
 ) -> dict:
-    """FP32 and fake-quant inference passes alternated ``rounds`` times; median of the per-round ratios."""
+    """FP32 and fake-quant inference alternated ``rounds`` times, each time the fastest of ``repeats`` passes over
+    ``batches`` (one pass is ~0.5 s on the CPU: a single pass let a moment's load swing the ratio from 0.8 to
+    1.6); median of the per-round ratios."""
     t_fp, t_q = [], []
     for _ in range(rounds):
-        t_fp.append(eval_time(fp32, batches, device, repeats=1))
-        t_q.append(eval_time(quantized, batches, device, repeats=1))
+        t_fp.append(eval_time(fp32, batches, device, repeats=repeats))
+        t_q.append(eval_time(quantized, batches, device, repeats=repeats))
     ratios = sorted(q / f for q, f in zip(t_q, t_fp))
     return {
         "fp32": statistics.median(t_fp),
@@ -149,3 +157,56 @@ def peak_memory_mb(device="cpu") -> float:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def recon_step_time(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, iters: int, **kw) -> float:
+    """Seconds per optimisation step of ``optimize_unit`` (reconstruction.py) on a copy of ``unit``: the run of
+    ``iters + 1`` steps minus the run of 1, over ``iters``, so that the fixed costs (the unit's error before and
+    after, the rounding modules' set-up) cancel. ``kw``: optimize_unit's learn_weights, learn_acts, drop_prob,
+    x_fp, genie. The regulariser is on from the first step (warmup 0), its most expensive setting."""
+    from dfq.quant.reconstruction import optimize_unit
+
+    def run(steps: int) -> float:
+        u, c = copy.deepcopy(unit), dataclasses.replace(cfg, iterations=steps, act_iterations=steps, warmup=0.0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            t = time.perf_counter()
+            optimize_unit(u, x, y, c, **kw)
+            return time.perf_counter() - t
+
+    return (run(iters + 1) - run(1)) / iters
+
+
+def recon_floor_time(fp_unit: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, iters: int) -> float:
+    """Seconds per forward + backward of the FP32 ``fp_unit`` (weight gradients on) on ``batch`` cached rows
+    drawn as optimize_unit draws them, with its loss: the floor of one reconstruction step."""
+    from dfq.quant.reconstruction import rec_error
+
+    fp_unit = copy.deepcopy(fp_unit)
+    for p in fp_unit.parameters():
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        idx = torch.randint(len(x), (min(batch, len(x)),), generator=gen).to(x.device)
+        fp_unit.zero_grad(set_to_none=True)
+        rec_error(fp_unit(x[idx]), y[idx]).backward()
+
+    return time_it(step, iters, device=x.device, repeats=1)
+
+
+def paired_recon_ratios(unit, fp_unit, x, y, cfg, iters: int = 40, rounds: int = 5, **kw) -> dict:
+    """One unit's step time and floor measured back to back in each of ``rounds`` rounds, after one untimed
+    warm-up of each (first calls pay one-off set-up); medians."""
+    recon_step_time(unit, x, y, cfg, 2, **kw)
+    recon_floor_time(fp_unit, x, y, cfg.batch_size, 2)
+    steps, floors = [], []
+    for _ in range(rounds):
+        steps.append(recon_step_time(unit, x, y, cfg, iters, **kw))
+        floors.append(recon_floor_time(fp_unit, x, y, cfg.batch_size, iters))
+    ratios = sorted(s / f for s, f in zip(steps, floors))
+    return {
+        "step": statistics.median(steps),
+        "floor": statistics.median(floors),
+        "ratio": statistics.median(ratios),
+        "ratio_range": (ratios[0], ratios[-1]),
+    }

@@ -216,3 +216,46 @@ def test_quantize_dequantize_gradient_is_torchs_straight_through():
     torch.fake_quantize_per_tensor_affine(ref, 0.05, 3, 0, 15).sum().backward()
     assert torch.equal(x.grad, ref.grad)
     assert 0 < x.grad.sum() < len(x)  # both ends clipped somewhere, the middle passes
+
+
+def test_keep_mask_is_a_seeded_bernoulli_at_its_resolution():
+    from dfq.quant.fake_quant import keep_mask
+
+    like = torch.empty(400_000)
+    for p, exact in ((0.5, 0.5), (0.3, 77 / 256), (0.9, 230 / 256)):  # p on the 1/256 grid
+        m = keep_mask(like, p)
+        assert m.dtype == like.dtype and set(m.unique().tolist()) <= {0.0, 1.0}
+        assert abs(float(m.mean()) - exact) < 0.003  # binomial std at 400k draws: <= 0.0008
+    assert float(keep_mask(like, 0.0).sum()) == 0 and float(keep_mask(like, 1.0).mean()) == 1.0
+    torch.manual_seed(3)
+    a = keep_mask(torch.empty(5, 7), 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, keep_mask(torch.empty(5, 7), 0.5)) and a.shape == (5, 7)
+    # neighbouring elements are independent: P(both kept) = p^2 for pairs within one 64-bit draw and across draws
+    m = keep_mask(torch.empty(400_000), 0.5).reshape(-1, 8)
+    for i, j in ((0, 1), (2, 3), (3, 4), (0, 7)):
+        assert abs(float((m[:, i] * m[:, j]).mean()) - 0.25) < 0.006
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_learnable_fake_quant_matches_torchs_op_and_where(drop):
+    """Forward, input gradient and step gradient against torch's own learnable fake-quant op (with QDrop's
+    kept elements through torch.where), on values inside and outside the grid."""
+    from dfq.quant.fake_quant import _LearnableFakeQuant
+
+    torch.manual_seed(0)
+    x = (torch.randn(8, 4, 6, 6) * 1.5).requires_grad_(True)
+    keep = (torch.rand_like(x) < 0.5).float() if drop else None
+    s_ref, s_new = torch.tensor([0.13], requires_grad=True), torch.tensor([0.13], requires_grad=True)
+    g, factor = torch.randn_like(x), 1.0 / (x.numel() * 15) ** 0.5
+    ref = torch._fake_quantize_learnable_per_tensor_affine(x, s_ref, torch.tensor([6.0]), 0, 15, factor)
+    if drop:
+        ref = torch.where(keep.bool(), x, ref)
+    ref.backward(g)
+    gx_ref, x.grad = x.grad.clone(), None
+    out = _LearnableFakeQuant.apply(x, s_new, torch.tensor(6.0), 15, factor, keep)
+    out.backward(g)
+    assert torch.equal(out, ref) and torch.equal(x.grad, gx_ref)
+    assert torch.allclose(s_new.grad, s_ref.grad, rtol=1e-5, atol=0) and float(s_ref.grad) != 0
+    clamped = ((x.detach() / 0.13).round() + 6 < 0) | ((x.detach() / 0.13).round() + 6 > 15)
+    assert clamped.any() and not clamped.all()  # both branches of the gradient were exercised

@@ -60,6 +60,57 @@ def quantize_dequantize(x: torch.Tensor, scale: float, zero_point: int, qmax: in
     return out
 
 
+def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A 0/1 float tensor shaped like ``like``, each element 1 with probability ``p`` rounded to a multiple of
+    1/256 (0.5 exactly), independently, from torch's global generator (on ``like``'s device).
+
+    Each element takes 8 random bits of 64-bit draws, an eighth of the generator calls of ``rand_like < p``
+    (about 5x faster on the CPU), and the mask stays float: ``lerp`` and products apply it at vector speed,
+    where on the CPU ``where`` with a bool mask and the comparison making it are not vectorised
+    (docs/benchmark.md, "Reconstruction")."""
+    n = like.numel()
+    bits = torch.empty((n + 7) // 8, dtype=torch.int64, device=like.device).random_(-(2**63), None)
+    v = bits.view(torch.uint8)[:n].reshape(like.shape).to(like.dtype)  # uniform on 0 .. 255
+    threshold = round(p * 256)  # element kept iff v < threshold, i.e. threshold - v >= 1
+    return v.sub_(threshold).neg_().clamp_(0, 1)
+
+
+class _LearnableFakeQuant(torch.autograd.Function):
+    """Per-tensor fake quant with a learned step (LSQ, Esser et al. 2020), optionally with QDrop's kept elements,
+    in one autograd node. Forward and both gradients are those of torch's
+    ``_fake_quantize_learnable_per_tensor_affine``: x_hat = (clamp(round(x / s) + z, 0, qmax) - z) s, computed
+    as x * (1 / s) as torch's kernel does; dx_hat/dx = 1 inside the grid, 0 where clamped; dx_hat/ds =
+    round(x / s) - x / s inside, clamp bound - z outside; the step's gradient times ``grad_factor``. Where
+    ``keep`` is 1 the output is x itself (gradient 1 to x, none to s). Float element-wise ops only: on the CPU
+    torch's fused fake-quant kernels and ``where`` are not vectorised (docs/benchmark.md, "Reconstruction").
+    zero_point: a 0-d tensor (no host sync on a GPU); qmax: the grid's top integer; keep: a ``keep_mask`` or None."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmax: int, grad_factor: float, keep):
+        xs = x * (1.0 / scale)
+        r = torch.round(xs).add_(zero_point)
+        q = r.clamp(0, qmax)
+        inside = r.sub_(q).abs_().clamp_(max=1).neg_().add_(1)  # 1 where round(x / s) + z is on the grid
+        q.sub_(zero_point)
+        dscale = torch.addcmul(q, inside, xs, value=-1)  # inside: round(x / s) - x / s; outside: bound - z
+        xq = q.mul_(scale)
+        if keep is None:
+            out, passed = xq, inside
+        else:
+            out = torch.lerp(xq, x, keep)  # exact at weights 0 and 1: xq, x
+            passed = torch.maximum(keep, inside)
+            dscale = torch.addcmul(dscale, dscale, keep, value=-1)  # kept elements do not see s
+        ctx.save_for_backward(passed, dscale)
+        ctx.grad_factor = grad_factor
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        passed, dscale = ctx.saved_tensors
+        grad_scale = (grad * dscale).sum().mul_(ctx.grad_factor).reshape(1)
+        return grad * passed, grad_scale, None, None, None, None
+
+
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
 WEIGHT_RANGES = ("minmax", "mse")
 RANGE_SHRINKS = 1.0 - 0.01 * torch.arange(80)  # mse candidates: alpha = 1, 0.99, ..., 0.21
@@ -229,9 +280,9 @@ class ActFakeQuantize(nn.Module):
     after ``freeze()`` it quantizes with the observed range.
 
     For reconstruction: ``enabled`` off passes x through; ``learn_scale()`` makes the step size an
-    nn.Parameter trained LSQ-style (torch's learnable fake-quant op, gradient scaled by
+    nn.Parameter trained LSQ-style (``_LearnableFakeQuant``: torch's learnable fake-quant op, gradient scaled by
     1 / sqrt(numel * qmax)) until ``fix_scale()``; ``drop_prob`` p > 0 keeps each element at full
-    precision with probability p (QDrop; reconstruction only).
+    precision with probability p (QDrop; reconstruction only; ``keep_mask``).
     """
 
     def __init__(self, bits: int, observer: nn.Module):
@@ -253,23 +304,17 @@ class ActFakeQuantize(nn.Module):
             self.observer(x)
             return x
         qmax = 2**self.bits - 1
+        keep = keep_mask(x, self.drop_prob) if self.drop_prob > 0 else None
         if self.scale_param is not None:  # the step fix_scale keeps, |s|: a gradient step across 0 is no sign flip
-            xq = torch._fake_quantize_learnable_per_tensor_affine(
-                x,
-                self.scale_param.abs().clamp_min(1e-8),
-                self.zero_point.float().reshape(1),
-                0,
-                qmax,
-                1.0 / (x.numel() * qmax) ** 0.5,
+            scale = self.scale_param.abs().clamp_min(1e-8)
+            return _LearnableFakeQuant.apply(
+                x, scale, self.zero_point.to(x.dtype), qmax, 1.0 / (x.numel() * qmax) ** 0.5, keep
             )
-        else:
-            key = (self.scale._version, self.zero_point._version, self.scale.data_ptr())
-            if getattr(self, "_qp_key", None) != key:  # python scalars, read once
-                self._qp, self._qp_key = (float(self.scale), int(self.zero_point)), key
-            xq = quantize_dequantize(x, self._qp[0], self._qp[1], qmax)
-        if self.drop_prob > 0:
-            return torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
-        return xq
+        key = (self.scale._version, self.zero_point._version, self.scale.data_ptr())
+        if getattr(self, "_qp_key", None) != key:  # python scalars, read once
+            self._qp, self._qp_key = (float(self.scale), int(self.zero_point)), key
+        xq = quantize_dequantize(x, self._qp[0], self._qp[1], qmax)
+        return xq if keep is None else torch.lerp(xq, x, keep)
 
     def freeze(self) -> None:
         lo, hi = self.observer.calculate_range(self.bits)

@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from dfq.quant.fake_quant import AdaRoundWeight
+from dfq.quant.fake_quant import AdaRoundWeight, keep_mask
 from dfq.quant.prepare import QuantSpec
 
 
@@ -83,11 +83,11 @@ def cosine_factor(t: int, total: int) -> float:
 
 
 def mix_inputs(x_q: torch.Tensor, x_fp: torch.Tensor, input_prob: float) -> torch.Tensor:
-    """Each element from ``x_q`` with probability ``input_prob``, else from ``x_fp`` (torch's global generator);
-    ``input_prob`` 1 returns x_q and draws nothing."""
+    """Each element from ``x_q`` with probability ``input_prob`` (rounded to a multiple of 1/256: ``keep_mask``),
+    else from ``x_fp`` (torch's global generator); ``input_prob`` 1 returns x_q and draws nothing."""
     if input_prob >= 1.0:
         return x_q
-    return torch.where(torch.rand_like(x_q) < input_prob, x_q, x_fp)
+    return torch.lerp(x_fp, x_q, keep_mask(x_q, input_prob))  # exact at the mask's 0 and 1
 
 
 def genie_spec(spec: QuantSpec, rounding: str, genie: GenieMConfig) -> QuantSpec:

@@ -1,0 +1,37 @@
+"""bench/reconstruction.py: every unit timed against its floor, and the step time net of the fixed costs."""
+
+import re
+import sys
+
+import pytest
+import torch
+
+from bench import reconstruction, timing
+
+
+def test_every_unit_gets_a_row_with_positive_times(monkeypatch, capsys, tmp_path):
+    argv = ["bench.reconstruction", "--weights", str(tmp_path / "absent.th"), "--images", "16"]
+    monkeypatch.setattr(sys, "argv", argv + ["--iters", "2", "--rounds", "1"])
+    reconstruction.main()
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and not r.startswith("| unit")]
+    names = [r.split(" | ")[0][2:] for r in rows]
+    assert names == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["linear", "all units"]
+    for r in rows:
+        step, floor, ratio = (float(re.match(r"[\d.]+", c).group()) for c in r.split(" | ")[1:4])
+        assert step > 0 and floor > 0 and ratio == pytest.approx(step / floor, rel=0.05, abs=0.01)
+
+
+def test_step_time_excludes_the_fixed_costs(monkeypatch):
+    """optimize_unit made to cost 0.05 s a call plus 0.01 s a step: the step time is 0.01, not (0.05 + 0.01 n) / n."""
+    import dfq.quant.reconstruction as recon
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+
+    def fake(unit, x, y, cfg, **kw):
+        clock["t"] += 0.05 + 0.01 * cfg.iterations
+
+    monkeypatch.setattr(recon, "optimize_unit", fake)
+    cfg = recon.ReconConfig()
+    unit, x = torch.nn.Linear(2, 2), torch.zeros(4, 2)
+    assert timing.recon_step_time(unit, x, x, cfg, 10) == pytest.approx(0.01)
