@@ -29,6 +29,7 @@ from dfq.quant.genie_m import genie_spec
 from dfq.quant.observers import ObserverConfig
 from dfq.quant.prepare import QuantSpec, calibrate, prepare, set_quant_state
 from dfq.quant.reconstruction import ReconConfig, capture, recon_units, reconstruct
+from dfq.threads import keep_freed_memory
 
 SHARED_RESNET20 = Path(__file__).resolve().parents[2] / "shared" / "models" / "resnet20-12fca82f.th"
 
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cell", type=int, default=0, help="then time reconstruct() with this many iterations per unit")
     args = ap.parse_args()
+    keep_freed_memory()  # as the calibrate stage does (stages._common.setup_torch)
     if os.environ.get("DFQ_THREADS"):
         torch.set_num_threads(int(os.environ["DFQ_THREADS"]))
     cfg = ReconConfig()

@@ -26,6 +26,7 @@ from dfq.generation.generators import batch_sizes, gaussian_batch
 from dfq.io import load_torch, save_text
 from dfq.pipeline.report import aggregate, results_table, set_metrics
 from dfq.quant.prepare import load_quantized
+from dfq.threads import keep_freed_memory
 
 
 def run_pipeline(profile: str) -> None:
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
     ap.add_argument("--out", default=None, help="default: reports/bench.md, reports/bench-<profile>.md")
     args = ap.parse_args()
+    keep_freed_memory()  # as every stage does (stages._common.setup_torch)
     args.out = args.out or ("reports/bench.md" if args.profile == "default" else f"reports/bench-{args.profile}.md")
     dev = os.environ.get("DFQ_DEVICE", "cpu")
     if not args.skip_pipeline:

@@ -1,4 +1,5 @@
-"""How many torch threads a process takes by default: the cores, shared by the dfq processes running now.
+"""How many torch threads a process takes by default: the cores, shared by the dfq processes running now; and how
+its freed memory is kept (``keep_freed_memory``).
 
 torch's default gives every process one thread per core. Two processes on the same cores then run twice as many
 threads as there are cores, and OpenMP's spin-waiting makes each several times slower (two DVC jobs with two
@@ -9,6 +10,12 @@ a process that started alone keeps its threads until it ends, and every process 
 
 The thread count changes the kernels' reduction order, so bytes: a stage records the count it ran with (its
 ``env``, dfq.provenance), and ``DFQ_THREADS`` (environment, read by the stages) fixes it for exact repeats.
+Freed memory: glibc's malloc serves large blocks (above a threshold that grows to at most 32 MiB) with mmap and
+gives them back to the system when freed, and trims the top of its heap beyond 128 KiB, so an evaluation pass of
+batches of 500 pays page faults for every activation it allocates: measured on the 2-core machine, FP32 evaluation
+of 2000 images took 0.67 s by default and 0.30 s with the blocks kept; a ZeroQ iteration 46 ms and 36.5 ms. A
+process keeps them after ``keep_freed_memory()`` (its peak resident memory is then held until it exits); the bytes
+computed do not change (torch aligns every block to 64 bytes either way). ``DFQ_KEEP_MEMORY=0`` turns it off.
 Bottom layer: the standard library only.
 """
 
@@ -16,9 +23,29 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 256 * 2**20  # blocks up to this size come from the heap, freed ones are reused
+TRIM_THRESHOLD = 2**30  # free heap top kept up to this size instead of trimmed
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for reuse (module docstring): large blocks from the heap up to 256 MiB,
+    free heap top up to 1 GiB not returned. True when set; False off glibc (musl, macOS, Windows) or with
+    ``DFQ_KEEP_MEMORY=0``."""
+    if os.environ.get("DFQ_KEEP_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def registry() -> Path:

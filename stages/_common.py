@@ -47,10 +47,12 @@ def read_params():
 
 def setup_torch():
     """Import torch with the thread count fixed: DFQ_THREADS, default torch's count (the cores) shared by the dfq
-    processes running now (dfq.threads: one thread each when two share 2 cores)."""
-    import torch
-
+    processes running now (dfq.threads: one thread each when two share 2 cores); freed memory kept for reuse
+    (dfq.threads.keep_freed_memory; DFQ_KEEP_MEMORY=0: off)."""
     from dfq import threads as registry
+
+    registry.keep_freed_memory()
+    import torch
 
     registry.register()
     threads = int(os.environ.get("DFQ_THREADS", "0") or 0)
