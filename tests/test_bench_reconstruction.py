@@ -11,14 +11,15 @@ from bench import reconstruction, timing
 
 def test_every_unit_gets_a_row_with_positive_times(monkeypatch, capsys, tmp_path):
     argv = ["bench.reconstruction", "--weights", str(tmp_path / "absent.th"), "--images", "16"]
-    monkeypatch.setattr(sys, "argv", argv + ["--iters", "2", "--rounds", "1"])
+    monkeypatch.setattr(sys, "argv", argv + ["--iters", "4", "--rounds", "1"])
     reconstruction.main()
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and not r.startswith("| unit")]
     names = [r.split(" | ")[0][2:] for r in rows]
     assert names == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["linear", "all units"]
-    for r in rows:
-        step, floor, ratio = (float(re.match(r"[\d.]+", c).group()) for c in r.split(" | ")[1:4])
-        assert step > 0 and floor > 0 and ratio == pytest.approx(step / floor, rel=0.05, abs=0.01)
+    for r in rows:  # a tiny unit's step, a difference of two short runs, can come out negative on a loaded machine
+        step, floor, ratio = (float(re.match(r"-?[\d.]+", c).group()) for c in r.split(" | ")[1:4])
+        assert floor > 0 and ratio == pytest.approx(step / floor, rel=0.05, abs=0.05)  # 2-decimal rounding
+    assert step > 0  # all units together: a step of a whole network costs something
 
 
 def test_step_time_excludes_the_fixed_costs(monkeypatch):
