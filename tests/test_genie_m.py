@@ -136,7 +136,7 @@ def test_genie_reconstruction_learns_steps_that_survive_the_checkpoint(data, nar
     initial = [m.weight_scale.clone() for m in weight_quantized_layers(gm)]
     out = reconstruct(gm, data, "genie", cfg)
     errors = [(u["error_before"], u["error_after"]) for u in out["units"]]
-    # 60 steps of batch 8 on 24 images: over seeds 0-5 the summed error fell to 0.86-0.92 of nearest's, and one or
+    # 60 steps of batch 8 on 24 images: over seeds 0-5 the summed error fell to 0.85-0.92 of nearest's, and one or
     # no unit of five ended a little worse (with the RNG streams of rand_like and of keep_mask alike)
     assert sum(a < b for b, a in errors) >= len(errors) - 2, errors
     assert sum(a for _, a in errors) < 0.95 * sum(b for b, _ in errors), errors
