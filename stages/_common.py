@@ -7,7 +7,10 @@ params, so that a hardware change never invalidates DVC's cache.
 
 from __future__ import annotations
 
+import gc
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -57,7 +60,24 @@ def setup_torch():
     registry.register()
     threads = int(os.environ.get("DFQ_THREADS", "0") or 0)
     torch.set_num_threads(threads if threads > 0 else registry.default_threads(torch.get_num_threads()))
+    imports_done()
     return torch
+
+
+def imports_done() -> None:
+    """The garbage collector back on after start-up (stages/__init__.py turns it off while torch is imported), with
+    everything imported so far frozen out of its scans."""
+    gc.freeze()
+    gc.enable()
+
+
+def shard_process(k: int, n: int) -> subprocess.Popen:
+    """This stage's own command again (``python -m stages.<name> ARGS``) as shard k of n of its work, with this
+    process's thread count (``DFQ_SHARD=k/n``: dfq.generation.sharding)."""
+    import torch
+
+    env = {**os.environ, "DFQ_SHARD": f"{k}/{n}", "DFQ_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env)
 
 
 def device() -> str:

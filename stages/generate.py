@@ -6,14 +6,16 @@ from the data stage's pool). Batch i is made from the seed derived from (seed, i
 independent; every source gets the same batches (data.num_images in generate.batch_size).
 `generate SOURCE SEED finetune` (stage generate_finetune) continues the set up to finetune.num_images: the
 batches after the calibration set's, into data/finetune/<source>-s<seed>/. DFQ_GEN_PROCS=N (environment) shards
-the batches over N torchrun processes; finished batches survive a kill in .dfq-scratch/ (rerun: the missing ones).
+the batches over N torchrun processes (1: one process); unset, on the CPU an optimising source's batches are shared by
+one process per core of this stage's share (same bytes, 1.2x faster on 2 cores). Finished batches survive a kill in
+.dfq-scratch/ (rerun: the missing ones).
 """
 
 import os
 import sys
 
 from dfq.pipeline import paths
-from stages._common import device, provenance, read_params, scratch_key, setup_torch
+from stages._common import device, provenance, read_params, scratch_key, setup_torch, shard_process
 
 
 def main(source: str, seed: int, extend: bool = False) -> None:
@@ -33,6 +35,9 @@ def main(source: str, seed: int, extend: bool = False) -> None:
     sizes += generators.batch_sizes(n, g.batch_size)
     out = (paths.finetune_set if extend else paths.calib_set)(name)
     shape, group, method = tuple(meta["input_spec"]["shape"]), g.group(source), g.method(source)
+    threads = torch.get_num_threads()
+    procs = 1 if os.environ.get("DFQ_GEN_PROCS") else sharding.local_procs(method, len(sizes) - first, threads, dev)
+    torch.set_num_threads(max(1, threads // procs))  # each process its share of the cores
     spec = dict(source=source, cfg=group, seed=seed, sizes=sizes, shape=shape, threads=torch.get_num_threads())
     scratch = paths.SCRATCH / "generate" / f"{name}-{scratch_key('stages.generate', spec, [paths.FP32])}"
     record = dict(source=source, method=method, params=group, seed=seed, batch_size=sizes[0], env=provenance())
@@ -42,7 +47,10 @@ def main(source: str, seed: int, extend: bool = False) -> None:
             pool = load_torch(paths.REAL_POOL)
             real = torch.cat([sources.real_subset(pool, num, seed), sources.real_subset(pool, n, seed, skip=num)])
         cfg, model = g.config(source), model.to(dev)
-        ok = sharding.make_set(source, cfg, seed, sizes, shape, model, real, scratch, out, record, first, dev)
+        args = (source, cfg, seed, sizes, shape, model, real, scratch, out, record, first, dev)
+        ok = sharding.make_set(*args, procs=procs, spawn=shard_process)
+    except sharding.ShardFailed as exc:
+        raise SystemExit(f"generate@{name}: {exc}") from None
     except (ValueError, FloatingPointError) as exc:
         raise SystemExit(f"generate@{name}: {exc} (nothing was written)") from None
     except (torch.OutOfMemoryError, MemoryError) as exc:

@@ -11,13 +11,17 @@ from pathlib import Path
 import yaml
 
 from dfq.pipeline import paths
-from stages._common import read_params
+from stages._common import imports_done, read_params
 
 
 def main() -> None:
     params = read_params()
+    import mlflow  # noqa: F401  (what log_cells uses, imported with the collector still off: stages/__init__.py)
+
     from dfq.pipeline import runs, tracking
     from dfq.pipeline.lineage import lock_md5
+
+    imports_done()
 
     root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
     lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}

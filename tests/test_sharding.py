@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from dfq.fp32.models import build_model, save_checkpoint
-from dfq.generation.sharding import my_batches
+from dfq.generation.sharding import ShardFailed, local_procs, make_set, my_batches
 from dfq.provenance import scratch_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,12 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def run(workdir, procs=1, **kw):
-    env = {**os.environ, "DFQ_THREADS": "1", "DFQ_GEN_PROCS": str(procs), "TQDM_DISABLE": "1"}
+def run(workdir, procs=1, threads=1, **kw):
+    """The generate stage for zeroq seed 0; procs None: DFQ_GEN_PROCS unset (local processes, one per thread)."""
+    env = {**os.environ, "DFQ_THREADS": str(threads), "TQDM_DISABLE": "1", "DFQ_PROC_DIR": str(workdir / "procs")}
+    env.pop("DFQ_GEN_PROCS", None)
+    if procs is not None:
+        env["DFQ_GEN_PROCS"] = str(procs)
     return subprocess.Popen(
         [sys.executable, "-m", "stages.generate", "zeroq", "0"],
         cwd=workdir,
@@ -103,3 +107,46 @@ def test_two_processes_give_byte_identical_data_and_resume_after_kill(workdir):
     assert f"resuming: {kept} of 4 batches" in out
     assert batches(workdir) == single
     assert not list(scratch.iterdir())  # assembled, scratch dropped
+
+
+def test_local_processes_make_the_same_bytes_as_one(workdir):
+    """DFQ_GEN_PROCS unset and 2 threads: two processes of one thread share the 4 batches (the parent and a child
+    it starts, no torchrun); their batches equal one process's on one thread, byte for byte."""
+    p = run(workdir)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    single = batches(workdir)
+    shutil.rmtree(workdir / "data")
+    p = run(workdir, procs=None, threads=2)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert batches(workdir) == single
+    meta = yaml.safe_load((workdir / "data/calib/zeroq-s0/meta.json").read_text())
+    assert meta["env"]["threads"] == 1 and meta["num_images"] == 32
+
+
+def test_local_procs_rule(monkeypatch):
+    monkeypatch.delenv("DFQ_SHARD", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert local_procs("zeroq", 4, 2, "cpu") == 2 and local_procs("dsg", 4, 16, "cpu") == 4
+    assert local_procs("zeroq", 1, 2, "cpu") == 1 and local_procs("zeroq", 4, 1, "cpu") == 1
+    assert local_procs("gaussian", 4, 2, "cpu") == 1 and local_procs("real", 4, 2, "cpu") == 1
+    assert local_procs("zeroq", 4, 2, "cuda:0") == 1
+    monkeypatch.setenv("DFQ_SHARD", "1/2")  # a child makes its own shard only
+    assert local_procs("zeroq", 4, 2, "cpu") == 1
+
+
+def test_a_failed_child_fails_the_set_and_keeps_the_parents_batches(tmp_path):
+    """A child that exits non-zero: ShardFailed names its shard, nothing is assembled, the parent's finished batch
+    stays in the scratch folder for the rerun."""
+    real = torch.arange(4 * 2 * 4, dtype=torch.float32).view(4, 1, 2, 4)  # real batches: no model needed
+
+    def spawn(k, n):
+        return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    with pytest.raises(ShardFailed, match="shard 1 of 2 failed"):
+        make_set("real", None, 0, [2, 2], (1, 2, 4), None, real, scratch, out, {}, procs=2, spawn=spawn)
+    assert not out.exists()
+    assert sorted(p.name for p in scratch.iterdir()) == ["batch_00000.pt", "info_00000.json"]
+    assert torch.equal(torch.load(scratch / "batch_00000.pt", weights_only=True), real[:2])

@@ -23,7 +23,7 @@ from dfq.fp32.datasets import InputSpec
 class TrainConfig:
     """Training of the embedded model (train; only when model.weights is null)."""
 
-    epochs: int = Field(8, gt=0)
+    epochs: int = Field(5, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.1, gt=0)  # the one-cycle schedule's peak
     weight_decay: float = Field(5e-4, ge=0)

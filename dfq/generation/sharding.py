@@ -4,6 +4,12 @@
   i % world_size == rank; a batch is never split (DSG ties the samples of a batch together) and is
   seeded from (seed, i) alone, so the dataset does not depend on the number of processes (with the
   same device and thread count per process). gloo on CPU, NCCL on GPU.
+- Local processes (no torchrun): ``make_set(..., procs=N, spawn=...)`` makes shard 0 itself and starts shards 1..N-1
+  as child processes (``spawn``: the caller's own command with ``DFQ_SHARD=k/N`` in its environment), which make
+  their batches into the scratch folder and exit; no process group, the parent waits for them and assembles. On
+  the CPU a batch of small images keeps one core busier than two threads do (the default model's ZeroQ
+  iteration: 55.5 ms on one thread, 34.5 ms on two), so two processes of one thread make a set 1.2x faster on 2
+  cores (``local_procs``); the bytes do not change (measured: the same md5 with 1 and 2 threads per batch).
 - Resume: every finished batch is written atomically into a scratch folder keyed by a hash of
   everything that determines it (source params, seed, batch plan, input shape, the model file and
   the generation code). A killed run leaves only finished batches there (a partial file is a
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,14 +31,34 @@ from dfq.generation import generators, sources
 from dfq.io import atomic_dir, save_json, save_torch
 
 
+class ShardFailed(RuntimeError):
+    """A child process of a local make_set failed (its own error is printed above the message)."""
+
+
+SHARD = "DFQ_SHARD"  # "k/N" in the environment of a child process that make_set started: it makes shard k of N
+
+
 def world() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; (0, 1) in a plain process."""
+    """(rank, world_size): from ``DFQ_SHARD`` in a child of ``make_set``, else torchrun's environment; (0, 1) in a
+    plain process."""
+    if os.environ.get(SHARD):
+        k, n = os.environ[SHARD].split("/")
+        return int(k), int(n)
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_procs(method: str, batches: int, threads: int, device: str) -> int:
+    """How many local processes make ``batches`` batches of an optimising ``method`` by default: on the CPU one per
+    thread this process may use (``threads``, its share of the cores: dfq.threads), at most one per batch; 1 for
+    gaussian and real batches (drawn, not optimised), on a GPU, under torchrun and in a child of ``make_set``."""
+    if method in ("gaussian", "real") or str(device) != "cpu" or os.environ.get(SHARD) or "WORLD_SIZE" in os.environ:
+        return 1
+    return max(1, min(threads, batches))
 
 
 def init(device: str) -> None:
     rank, size = world()
-    if size > 1 and not torch.distributed.is_initialized():
+    if size > 1 and not os.environ.get(SHARD) and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
 
 
@@ -126,9 +154,12 @@ def make_set(
     meta: dict,
     first: int = 0,
     device="cpu",
+    procs: int = 1,
+    spawn: Callable[[int, int], subprocess.Popen] | None = None,
 ) -> bool:
-    """Make batches ``first``.. of a set, shared over the torchrun processes (one process: all of them), into
-    ``scratch``; then the first process assembles them into ``out`` with ``meta``. True in that process.
+    """Make batches ``first``.. of a set, shared over the torchrun processes or ``procs`` local ones (one process:
+    all of them), into ``scratch``; then the first process assembles them into ``out`` with ``meta``. True in that
+    process. A child of a local run (``DFQ_SHARD``) makes its shard and returns False.
 
     Args:
         source: the source's name (progress and error messages).
@@ -143,7 +174,13 @@ def make_set(
         meta: what the set's meta.json records beside its batches.
         first: the first batch made here (generate_finetune continues a set).
         device: where generation runs.
+        procs: local processes (torchrun not used): this one makes shard 0, ``spawn(k, procs)`` starts shard k.
+        spawn: starts the child process of shard k of n (``DFQ_SHARD=k/n`` in its environment); needed when
+            ``procs`` > 1.
     """
+    if procs > 1:
+        args = (source, cfg, seed, sizes, shape, model, real, scratch, out, meta, first, device)
+        return _make_set_locally(*args, procs, spawn)
     rank, size = world()
     init(device)
     try:
@@ -155,3 +192,29 @@ def make_set(
     finally:
         finish()
     return rank == 0
+
+
+def _make_set_locally(source, cfg, seed, sizes, shape, model, real, scratch, out, meta, first, device, procs, spawn):
+    """make_set over ``procs`` local processes: children started by ``spawn`` make shards 1.., this one shard 0; when
+    all have finished, this one assembles. A failed child fails the set (its finished batches stay in ``scratch``
+    for the rerun); a failure here stops the children."""
+    if spawn is None:
+        raise ValueError(f"make_set: procs={procs} local processes need spawn (the command that starts a shard)")
+    children = [spawn(k, procs) for k in range(1, procs)]
+    try:
+        mine = [i for i in my_batches(len(sizes), 0, procs) if i >= first]
+        make_batches(source, cfg, seed, sizes, shape, model, real, scratch, mine, device)
+    except BaseException:
+        for child in children:
+            child.kill()
+            child.wait()
+        raise
+    failed = [k for k, child in enumerate(children, 1) if child.wait() != 0]
+    if failed:
+        raise ShardFailed(
+            f"{source}: the process{'es' if len(failed) > 1 else ''} making shard {', '.join(map(str, failed))} of "
+            f"{procs} failed (its error is printed above); finished batches are kept in {scratch}, a rerun makes the "
+            "rest"
+        )
+    assemble(out, meta, range(first, len(sizes)), scratch)
+    return True
