@@ -100,23 +100,39 @@ def generation_iter_time(
     return best
 
 
+def paired_rounds(rounds: int, *measures: Callable[[], float]) -> list[list[float]]:
+    """Every measure once per round, back to back, so that a slow spell of a shared machine hits them alike; the
+    times of each measure, round by round."""
+    times: list[list[float]] = [[] for _ in measures]
+    for _ in range(rounds):
+        for got, measure in zip(times, measures):
+            got.append(measure())
+    return times
+
+
+def ratio_summary(num: list[float], den: list[float]) -> tuple[float, tuple[float, float]]:
+    """The median of the per-round ratios num / den and their range."""
+    ratios = sorted(a / b for a, b in zip(num, den))
+    return statistics.median(ratios), (ratios[0], ratios[-1])
+
+
 def paired_generation_ratios(
     model: nn.Module, x: torch.Tensor, loss_fn=zeroq_loss, iters: int = 20, rounds: int = 5, device="cpu"
 ) -> dict:
-    """Generation time per iteration and both floors, measured back to back in each of ``rounds`` rounds,
-    so that a slow spell of a shared machine hits all three alike; medians of the per-round ratios."""
-    gen, frozen, full = [], [], []
-    for _ in range(rounds):
-        gen.append(generation_iter_time(model, x, loss_fn, iters, device, repeats=1))
-        frozen.append(fwd_bwd_floor(model, x, False, iters, device, repeats=1))
-        full.append(fwd_bwd_floor(model, x, True, iters, device, repeats=1))
-    r_frozen = sorted(g / f for g, f in zip(gen, frozen))
-    r_full = sorted(g / f for g, f in zip(gen, full))
+    """Generation time per iteration and both floors, measured back to back in each of ``rounds`` rounds
+    (``paired_rounds``); medians of the per-round ratios."""
+    gen, frozen, full = paired_rounds(
+        rounds,
+        lambda: generation_iter_time(model, x, loss_fn, iters, device, repeats=1),
+        lambda: fwd_bwd_floor(model, x, False, iters, device, repeats=1),
+        lambda: fwd_bwd_floor(model, x, True, iters, device, repeats=1),
+    )
+    ratio, spread = ratio_summary(gen, frozen)
     return {
         "gen": statistics.median(gen),
-        "ratio_frozen": statistics.median(r_frozen),
-        "ratio_full": statistics.median(r_full),
-        "ratio_frozen_range": (r_frozen[0], r_frozen[-1]),
+        "ratio_frozen": ratio,
+        "ratio_full": ratio_summary(gen, full)[0],
+        "ratio_frozen_range": spread,
     }
 
 
@@ -126,17 +142,13 @@ def paired_eval_ratio(
     """FP32 and fake-quant inference alternated ``rounds`` times, each time the fastest of ``repeats`` passes over
     ``batches`` (one pass is ~0.5 s on the CPU: a single pass let a moment's load swing the ratio from 0.8 to
     1.6); median of the per-round ratios."""
-    t_fp, t_q = [], []
-    for _ in range(rounds):
-        t_fp.append(eval_time(fp32, batches, device, repeats=repeats))
-        t_q.append(eval_time(quantized, batches, device, repeats=repeats))
-    ratios = sorted(q / f for q, f in zip(t_q, t_fp))
-    return {
-        "fp32": statistics.median(t_fp),
-        "quantized": statistics.median(t_q),
-        "ratio": statistics.median(ratios),
-        "ratio_range": (ratios[0], ratios[-1]),
-    }
+    t_fp, t_q = paired_rounds(
+        rounds,
+        lambda: eval_time(fp32, batches, device, repeats=repeats),
+        lambda: eval_time(quantized, batches, device, repeats=repeats),
+    )
+    ratio, spread = ratio_summary(t_q, t_fp)
+    return {"fp32": statistics.median(t_fp), "quantized": statistics.median(t_q), "ratio": ratio, "ratio_range": spread}
 
 
 @torch.inference_mode()
@@ -195,18 +207,14 @@ def recon_floor_time(fp_unit: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 
 def paired_recon_ratios(unit, fp_unit, x, y, cfg, iters: int = 40, rounds: int = 5, **kw) -> dict:
-    """One unit's step time and floor measured back to back in each of ``rounds`` rounds, after one untimed
-    warm-up of each (first calls pay one-off set-up); medians."""
+    """One unit's step time and floor measured back to back in each of ``rounds`` rounds (``paired_rounds``), after
+    one untimed warm-up of each (first calls pay one-off set-up); medians."""
     recon_step_time(unit, x, y, cfg, 2, **kw)
     recon_floor_time(fp_unit, x, y, cfg.batch_size, 2)
-    steps, floors = [], []
-    for _ in range(rounds):
-        steps.append(recon_step_time(unit, x, y, cfg, iters, **kw))
-        floors.append(recon_floor_time(fp_unit, x, y, cfg.batch_size, iters))
-    ratios = sorted(s / f for s, f in zip(steps, floors))
-    return {
-        "step": statistics.median(steps),
-        "floor": statistics.median(floors),
-        "ratio": statistics.median(ratios),
-        "ratio_range": (ratios[0], ratios[-1]),
-    }
+    steps, floors = paired_rounds(
+        rounds,
+        lambda: recon_step_time(unit, x, y, cfg, iters, **kw),
+        lambda: recon_floor_time(fp_unit, x, y, cfg.batch_size, iters),
+    )
+    ratio, spread = ratio_summary(steps, floors)
+    return {"step": statistics.median(steps), "floor": statistics.median(floors), "ratio": ratio, "ratio_range": spread}

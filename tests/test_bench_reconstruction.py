@@ -36,3 +36,12 @@ def test_step_time_excludes_the_fixed_costs(monkeypatch):
     cfg = recon.ReconConfig()
     unit, x = torch.nn.Linear(2, 2), torch.zeros(4, 2)
     assert timing.recon_step_time(unit, x, x, cfg, 10) == pytest.approx(0.01)
+
+
+def test_paired_rounds_alternate_the_measures_and_summarise_per_round_ratios():
+    """Three rounds of two measures run a, b, a, b, a, b; the ratio summary is the median of the per-round ratios
+    (2/1, 9/3, 4/2 -> 2, 2, 3: median 2, range 2-3), not the ratio of the medians (4/2)."""
+    calls, a, b = [], iter([2.0, 9.0, 4.0]), iter([1.0, 3.0, 2.0])
+    got = timing.paired_rounds(3, lambda: calls.append("a") or next(a), lambda: calls.append("b") or next(b))
+    assert calls == ["a", "b"] * 3 and got == [[2.0, 9.0, 4.0], [1.0, 3.0, 2.0]]
+    assert timing.ratio_summary(*got) == (2.0, (2.0, 3.0))
