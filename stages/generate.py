@@ -7,8 +7,8 @@ independent; every source gets the same batches (data.num_images in generate.bat
 `generate SOURCE SEED finetune` (stage generate_finetune) continues the set up to finetune.num_images: the
 batches after the calibration set's, into data/finetune/<source>-s<seed>/. DFQ_GEN_PROCS=N (environment) shards
 the batches over N torchrun processes (1: one process); unset, on the CPU an optimising source's batches are shared by
-one process per core of this stage's share (same bytes, 1.2x faster on 2 cores). Finished batches survive a kill in
-.dfq-scratch/ (rerun: the missing ones).
+one process per core of this stage's share (same bytes; up to 1.3x faster on 2 cores). Finished batches survive a
+kill in .dfq-scratch/ (rerun: the missing ones).
 """
 
 import os

@@ -7,9 +7,10 @@
 - Local processes (no torchrun): ``make_set(..., procs=N, spawn=...)`` makes shard 0 itself and starts shards 1..N-1
   as child processes (``spawn``: the caller's own command with ``DFQ_SHARD=k/N`` in its environment), which make
   their batches into the scratch folder and exit; no process group, the parent waits for them and assembles. On
-  the CPU a batch of small images keeps one core busier than two threads do (the default model's ZeroQ
-  iteration: 55.5 ms on one thread, 34.5 ms on two), so two processes of one thread make a set 1.2x faster on 2
-  cores (``local_procs``); the bytes do not change (measured: the same md5 with 1 and 2 threads per batch).
+  the CPU one thread per process holds its speed when two threads of one process slow down (the default model's
+  ZeroQ iteration on the 2-core machine: 53-59 ms on one thread; 29.5 ms on two at good times, 38 ms at others), so
+  two processes of one thread make a set as fast as two threads, or up to 1.3x faster (``local_procs``); the bytes
+  do not change (measured: the same md5 with 1 and 2 threads per batch).
 - Resume: every finished batch is written atomically into a scratch folder keyed by a hash of
   everything that determines it (source params, seed, batch plan, input shape, the model file and
   the generation code). A killed run leaves only finished batches there (a partial file is a
