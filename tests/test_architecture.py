@@ -6,7 +6,8 @@
   bench/ or tests/.
 - No import cycle among dfq's modules; no import of a dfq module inside a function (heavy optional third-party
   packages such as onnx, onnxruntime, mlflow, matplotlib, pandas may be imported there: they are not dfq).
-- dvc.yaml: each stage's code deps are exactly the import closure of its script (dfq.provenance.code_files).
+- dvc.yaml: each stage's code deps are exactly the import closure of its script (dfq.provenance.code_files);
+  dvc.lock holds no entry of a stage dvc.yaml does not define.
 - Sizes: functions of at most 60 lines, modules of at most 400 (stage scripts 80); ``Args:`` in the docstring of a
   public function with more than 4 parameters.
 
@@ -386,6 +387,44 @@ def test_rewrite_dvc_deps_changes_only_the_code_deps():
     assert rest(new) == rest(text)
 
 
+def dvc_stage_names(root: Path = ROOT) -> set[str]:
+    """The names of the stages dvc.yaml defines under params.yaml (matrix entries expanded), as DVC reads them."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {stage.name for stage in repo.index.stages}
+
+
+def stale_lock_entries(root: Path = ROOT) -> list[str]:
+    """dvc.lock's stage entries that no stage of dvc.yaml has (left by renamed or dropped matrix entries)."""
+    lock = yaml.load((root / "dvc.lock").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return sorted(set(lock.get("stages", {})) - dvc_stage_names(root))
+
+
+def prune_lock(root: Path = ROOT) -> list[str]:
+    """Remove the stale entries from dvc.lock with DVC's own round-trip YAML (every other line as DVC wrote it)."""
+    from dvc.utils.serialize import modify_yaml
+
+    stale = stale_lock_entries(root)
+    with modify_yaml(str(root / "dvc.lock")) as data:
+        for name in stale:
+            del data["stages"][name]
+    return stale
+
+
+def test_dvc_lock_holds_only_the_stages_of_dvc_yaml():
+    """DVC rewrites the whole dvc.lock after every stage it runs (a round-trip YAML parse and dump, about a second
+    per 100 KB on this 2-core machine): an entry of a stage that no longer exists costs that on every stage of every
+    `dvc repro` and is read by nothing."""
+    stale = stale_lock_entries()
+    if stale:
+        fix = "python -m tests.test_architecture --prune-lock"
+        pytest.fail(
+            f"dvc.lock: {len(stale)} entries of stages dvc.yaml does not define ({fix}): {', '.join(stale)}",
+            pytrace=False,
+        )
+
+
 # ---------------------------------------------------------------- sizes and docstrings
 
 
@@ -458,5 +497,7 @@ def test_public_functions_with_many_parameters_document_them():
 if __name__ == "__main__":
     if sys.argv[1:] == ["--fix-dvc"]:  # rewrite dvc.yaml's code deps to the stages' import closures
         (ROOT / "dvc.yaml").write_text(rewrite_dvc_deps((ROOT / "dvc.yaml").read_text()))
+    elif sys.argv[1:] == ["--prune-lock"]:  # drop dvc.lock's entries of stages dvc.yaml no longer defines
+        print(f"removed {len(prune_lock())} stale entries from dvc.lock")
     else:  # python -m tests.test_architecture [ROOT]: the import graph's summary
         print(summary(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT))
