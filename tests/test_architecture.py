@@ -413,7 +413,7 @@ def prune_lock(root: Path = ROOT) -> list[str]:
 
 
 def test_dvc_lock_holds_only_the_stages_of_dvc_yaml():
-    """DVC rewrites the whole dvc.lock after every stage it runs (a round-trip YAML parse and dump, about a second
+    """DVC rewrites the whole dvc.lock after every stage it runs (a round-trip YAML parse and dump, about 0.6 s
     per 100 KB on this 2-core machine): an entry of a stage that no longer exists costs that on every stage of every
     `dvc repro` and is read by nothing."""
     stale = stale_lock_entries()
