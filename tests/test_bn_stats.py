@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dfq.generation.bn_stats import STD_EPS, BNInputStats, per_sample_stats, shifted_moments
+from dfq.generation.bn_stats import STD_EPS, BNInputStats, _BatchNormMoments, per_sample_stats, shifted_moments
 
 
 def test_per_sample_stats_match_direct_computation():
@@ -29,24 +29,41 @@ def test_hooks_capture_bn_inputs(tiny_bn):
 
 
 def test_hooks_are_removed(narrow_resnet):
-    """One pre-hook on every BN layer inside the context, none on any layer after it (also after an
-    exception), and the model's own hooks are left alone."""
+    """On the CPU every BN layer's forward is BNInputStats' own inside the context (no hook added), on none after it
+    (also after an exception); a layer the model already hooked is recorded and its hooks are left alone."""
     model = narrow_resnet()
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 9
     own = bns[4].register_forward_pre_hook(lambda m, a: None)
     before = [(len(bn._forward_pre_hooks), len(bn._forward_hooks)) for bn in bns]
     with BNInputStats(model) as stats:
-        assert [len(bn._forward_pre_hooks) for bn in bns] == [n + 1 for n, _ in before]
+        assert all("forward" in vars(bn) for bn in bns)
+        assert [(len(bn._forward_pre_hooks), len(bn._forward_hooks)) for bn in bns] == before
         model(torch.randn(2, 1, 16, 16))
         assert len(stats.means) == 9
+    assert not any("forward" in vars(bn) for bn in bns)
     assert [(len(bn._forward_pre_hooks), len(bn._forward_hooks)) for bn in bns] == before
     with pytest.raises(RuntimeError, match="boom"):
         with BNInputStats(model):
             raise RuntimeError("boom")
+    assert not any("forward" in vars(bn) for bn in bns)
     assert [(len(bn._forward_pre_hooks), len(bn._forward_hooks)) for bn in bns] == before
     own.remove()
     assert all(not bn._forward_pre_hooks for bn in bns)
+
+
+def test_a_layer_with_its_own_forward_gets_a_pre_hook(narrow_resnet):
+    """A BN layer whose forward is already replaced (here by a plain callable) keeps it and is recorded by a
+    forward pre-hook instead, removed on exit."""
+    model = narrow_resnet()
+    bn = model.stem[1]
+    bn.forward = torch.nn.BatchNorm2d.forward.__get__(bn)
+    with BNInputStats(model) as stats:
+        assert len(bn._forward_pre_hooks) == 1
+        x = torch.randn(2, 1, 16, 16)
+        model(x)
+        assert torch.allclose(stats.means[0], model.stem[0](x).mean((2, 3)), atol=1e-6)
+    assert not bn._forward_pre_hooks and "forward" in vars(bn)
 
 
 def test_model_without_bn_gets_clear_error():
@@ -89,3 +106,112 @@ def test_stats_release_the_recorded_inputs_once_computed(tiny_bn):
         m = stats.means
         assert all(r is None for r in stats._recorded)  # the autograd graph holds them, not the hooks
         assert [t.shape[1] for t in m] == [4, 6] and stats.concatenated()[0].shape == (4, 10)
+
+
+def _random_bn(channels: int, affine: bool) -> torch.nn.BatchNorm2d:
+    bn = torch.nn.BatchNorm2d(channels, affine=affine).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.05, 3)
+    if affine:
+        bn.weight.data.uniform_(-2, 2)
+        bn.bias.data.uniform_(-1, 1)
+        bn.requires_grad_(False)
+    return bn
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_with_moments_is_bitwise_torchs_batch_norm_and_its_gradient(affine):
+    """The fused node (BN forward + the input's moments, one backward) against torch's batch norm and the moments
+    Function as two nodes: the BN output and its input gradient bitwise (16 x 28 x 28 runs the vectorised
+    kernels), the moments' part against autograd of the plain mean / mean-of-squares in double."""
+    torch.manual_seed(0)
+    bn = _random_bn(16, affine)
+    a = torch.randn(8, 16, 28, 28, requires_grad=True)
+    shift, n = torch.randn(16), torch.full((16,), 28.0 * 28)
+    invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).float()
+    args = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, invstd)
+    y, m1, m2 = _BatchNormMoments.apply(a, shift, n, *args)
+    assert torch.equal(y, bn(a))
+    gy = torch.randn_like(y)
+    zero = torch.zeros_like(m1)
+    g_bn = torch.autograd.grad((y, m1, m2), a, (gy, zero, zero))[0]
+    assert torch.equal(g_bn, torch.autograd.grad(bn(a), a, gy)[0])  # torch's batch-norm backward, bit for bit
+    g1, g2 = torch.randn_like(m1), torch.randn_like(m2)
+    y, m1, m2 = _BatchNormMoments.apply(a, shift, n, *args)
+    g = torch.autograd.grad((y, m1, m2), a, (gy, g1, g2))[0]
+    ad = a.detach().double().requires_grad_(True)
+    centred = ad - shift.double()[:, None, None]
+    grads = (gy.double(), g1.double(), g2.double())
+    ref = torch.autograd.grad((bn.double()(ad), centred.mean((2, 3)), centred.square().mean((2, 3))), ad, grads)[0]
+    bn.float()
+    assert torch.allclose(m1.double(), centred.mean((2, 3)), atol=1e-6)
+    assert torch.allclose(m2.double(), centred.square().mean((2, 3)), rtol=1e-5)
+    assert torch.allclose(g.double(), ref, rtol=1e-5, atol=1e-6)
+    # and bitwise the sum autograd forms from torch's batch norm and the separate moments Function
+    y_ref = bn(a)
+    n1, n2 = shifted_moments([a], shift, n)
+    assert torch.equal(g, torch.autograd.grad((y_ref, n1, n2), a, (gy, g1, g2))[0])
+
+
+def test_cpu_generation_takes_the_fused_node_and_matches_the_hooks_bit_for_bit(narrow_resnet, monkeypatch):
+    """ZeroQ images on the CPU with BN and moments fused equal those of the pre-hook path (torch's batch norm,
+    moments as a second node), bit for bit; the fused node is the one that ran."""
+    from dfq.generation import bn_stats
+    from dfq.generation.generators import gaussian_batch, optimize_images
+    from dfq.generation.losses import zeroq_loss
+
+    calls = []
+    original = bn_stats._BatchNormMoments.apply
+    monkeypatch.setattr(bn_stats._BatchNormMoments, "apply", lambda *a: calls.append(1) or original(*a))
+    x0 = gaussian_batch((6, 1, 16, 16), 0)
+    kw = dict(iterations=5, lr=0.5, patience=100, min_lr=1e-4)
+    fused, _ = optimize_images(narrow_resnet(), x0, zeroq_loss, **kw)
+    assert len(calls) == 9 * 6  # 9 layers, 5 steps and the final loss
+    monkeypatch.setattr(bn_stats.BNInputStats, "_fusable", staticmethod(lambda bn: False))
+    hooked, _ = optimize_images(narrow_resnet(), x0, zeroq_loss, **kw)
+    assert len(calls) == 9 * 6
+    assert torch.equal(fused, hooked)
+
+
+def test_layers_in_training_mode_or_with_weight_gradients_take_torchs_batch_norm(tiny_bn, monkeypatch):
+    """A BN layer whose weights need gradients, or in training mode (batch statistics, running ones updated), runs
+    its own forward: the weights get their gradients, and the recorded moments are those of its input."""
+    from dfq.generation import bn_stats
+
+    fused = []
+    original = bn_stats._BatchNormMoments.apply
+    monkeypatch.setattr(bn_stats._BatchNormMoments, "apply", lambda *a: fused.append(a[0].shape[1]) or original(*a))
+    x = torch.randn(4, 1, 8, 8)
+    tiny_bn.bn2.requires_grad_(False)  # bn2 frozen: the fused node; bn1's weights need gradients: its own forward
+    with BNInputStats(tiny_bn) as stats:
+        tiny_bn(x).sum().backward()
+        assert fused == [6]
+        assert tiny_bn.bn1.weight.grad is not None and tiny_bn.bn1.bias.grad is not None
+        assert torch.allclose(stats.means[0], tiny_bn.conv1(x).mean((2, 3)), atol=1e-6)
+    tiny_bn.train()
+    before = tiny_bn.bn2.running_mean.clone()
+    with BNInputStats(tiny_bn) as stats, torch.no_grad():
+        tiny_bn(x)
+        assert fused == [6]
+        assert not torch.equal(tiny_bn.bn2.running_mean, before)
+        assert stats.means[1].shape == (4, 6)
+
+
+def test_the_fused_gradient_follows_a_changed_running_variance(tiny_bn):
+    """Running statistics updated inside the context (by a training-mode pass, or edited in place) are those the next
+    eval-mode gradient uses: bitwise torch's batch-norm gradient with the new variance."""
+    bn = tiny_bn.bn2.requires_grad_(False)
+    a = torch.randn(4, 6, 5, 5, requires_grad=True)
+    gy = torch.randn(4, 6, 5, 5)
+    with BNInputStats(tiny_bn):
+        bn(a)
+        bn.train()
+        with torch.no_grad():
+            bn(3 * a)
+        bn.eval()
+        g, trained = torch.autograd.grad(bn(a), a, gy)[0], bn.running_var.clone()
+        bn.running_var.mul_(1.7)  # an in-place edit
+        g_edited = torch.autograd.grad(bn(a), a, gy)[0]
+    assert torch.equal(g_edited, torch.autograd.grad(bn(a), a, gy)[0])
+    bn.running_var.copy_(trained)
+    assert torch.equal(g, torch.autograd.grad(bn(a), a, gy)[0])

@@ -1,7 +1,8 @@
-"""BatchNorm statistics: hooks on the INPUT of every BN layer and per-sample channel statistics.
+"""BatchNorm statistics: the INPUT of every BN layer recorded as the layer runs, and per-sample channel statistics.
 
-Hooking BN inputs (forward pre-hooks) is robust on models whose module registration order differs
-from execution order, which pairing convolutions with BNs by position is not.
+Recording at the BN layers themselves (forward pre-hooks, or on the CPU the layer's own forward for the
+context's duration) is robust on models whose module registration order differs from execution order, which
+pairing convolutions with BNs by position is not.
 For an input a (B, C, H, W): m[b, c] = mean_hw a[b, c], s[b, c] = sqrt(var_hw a[b, c] + 1e-6)
 (population variance over H x W, the estimator BN itself normalises with).
 """
@@ -60,6 +61,36 @@ class _ShiftedMoments(torch.autograd.Function):
         return None, None, *(torch.addcmul(ci, a.flatten(2), ki).view_as(a) for a, ci, ki in zip(acts, c, k))
 
 
+class _BatchNormMoments(torch.autograd.Function):
+    """An eval-mode BatchNorm2d layer and the raw moments of its input in one autograd node (the CPU path of
+    ``BNInputStats``): forward(a, shift (C,), n (C,), running_mean, running_var, weight, bias, eps, invstd)
+    -> (y, m1, m2) with y torch's own ``batch_norm`` of ``a`` and (m1, m2) ``_ShiftedMoments``' of ``a`` alone,
+    op for op. Backward: the moments' gradient c + k * a (as ``_ShiftedMoments.backward``) plus BN's input
+    gradient (dy * invstd) * weight, ``invstd`` = 1 / sqrt(running_var + eps) in double then float: bitwise what
+    torch's batch-norm backward gives in eval mode, whose CPU kernel costs 3-5 element-wise passes here (it also
+    reduces over dy), and the same sum autograd forms from two nodes (addition commutes)."""
+
+    @staticmethod
+    def forward(ctx, a, shift, n, mean, var, weight, bias, eps, invstd):
+        y = torch.nn.functional.batch_norm(a, mean, var, weight, bias, False, 0.0, eps)
+        centred = a.flatten(2) - shift.view(-1, 1)
+        m1 = centred.mean(-1)
+        m2 = torch.linalg.vector_norm(centred, dim=-1).square_() / n
+        ctx.save_for_backward(a, shift, n, invstd, weight)
+        return y, m1, m2
+
+    @staticmethod
+    def backward(ctx, gy, g1, g2):
+        a, shift, n, invstd, weight = ctx.saved_tensors
+        k = (2.0 / n) * g2
+        c = g1 / n - k * shift
+        grad = torch.addcmul(c.unsqueeze(-1), a.flatten(2), k.unsqueeze(-1)).view_as(a)
+        scaled = gy * invstd.view(-1, 1, 1)
+        if weight is not None:
+            scaled.mul_(weight.view(-1, 1, 1))  # not addcmul_: its fused multiply-add rounds differently
+        return grad.add_(scaled), *([None] * 8)
+
+
 def channel_counts(activations: list[torch.Tensor]) -> torch.Tensor:
     """(sum C_i,) the number of spatial positions H_i W_i, repeated for each channel of each activation."""
     a0 = activations[0]
@@ -106,9 +137,13 @@ class BNInputStats:
     + bn.eps). On a GPU the hooks only record the BN inputs (tensors autograd keeps for the backward
     pass anyway) and the moments of all layers are computed in ONE Function call on first use, so each
     layer adds one kernel forward and two backward (launches bound a GPU iteration). On the CPU each
-    hook computes its layer's moments at once, while the activation is still in cache, and its
+    layer's moments are computed at once, while the activation is still in cache, and their
     gradient is formed when the backward pass reaches that layer (deferring both was 1.3x slower on
-    CIFAR ResNet-20, 2 cores); only the cheap rest runs once over all layers' channels.
+    CIFAR ResNet-20, 2 cores); only the cheap rest runs once over all layers' channels. There, inside the
+    context, a frozen eval-mode layer's forward is replaced (an instance attribute, removed on exit) by one
+    autograd node for BN and its input's moments (``_BatchNormMoments``: the same bits, and its backward spares
+    torch's batch-norm backward kernel, 3-5x an element-wise pass); other layers, and every layer on a GPU, are
+    recorded by forward pre-hooks.
     """
 
     def __init__(self, model: nn.Module):
@@ -125,19 +160,64 @@ class BNInputStats:
         self._hw: list[int] = [0] * len(self.layers)  # H_i * W_i of each layer's last input
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
+        self._patched: list = []
         self._cache: dict = {}
 
     def __len__(self) -> int:
         return len(self.layers)
 
+    def _record(self, i: int, a: torch.Tensor) -> None:
+        self._hw[i] = a.shape[2:].numel()
+        self._recorded[i] = a if a.is_cuda else shifted_moments([a], self.running_mean[i], self._counts([a]))
+        self._stats = None
+
     def _make_hook(self, i: int):
         def hook(module, inputs):
-            a = inputs[0]
-            self._hw[i] = a.shape[2:].numel()
-            self._recorded[i] = a if a.is_cuda else shifted_moments([a], self.running_mean[i], self._counts([a]))
-            self._stats = None
+            self._record(i, inputs[0])
 
         return hook
+
+    def _make_forward(self, i: int, bn: nn.BatchNorm2d):
+        """Layer i's forward while recording on the CPU: BN and its input's moments in one autograd node
+        (``_BatchNormMoments``) when the layer is a frozen eval-mode BN with running statistics; otherwise the
+        hook's recording and the layer's own forward."""
+        forward = type(bn).forward.__get__(bn)
+
+        def fused(a: torch.Tensor) -> torch.Tensor:
+            params = [p for p in (bn.weight, bn.bias) if p is not None]
+            if (
+                a.is_cuda
+                or bn.training
+                or bn.running_var is None
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            ):
+                if bn.training:  # may update the running statistics in place (no version bump): drop the invstd
+                    self._cache.pop(("invstd", i), None)
+                self._record(i, a)
+                return forward(a)
+            self._hw[i] = a.shape[2:].numel()
+            y, m1, m2 = _BatchNormMoments.apply(
+                a, self.running_mean[i], self._counts([a]), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                bn.eps, self._invstd(i, bn),
+            )  # fmt: skip
+            self._recorded[i], self._stats = (m1, m2), None
+            return y
+
+        return fused
+
+    def _invstd(self, i: int, bn: nn.BatchNorm2d) -> torch.Tensor:
+        """1 / sqrt(running_var + eps) of layer i as torch's batch-norm kernels form it (in double, then float),
+        kept until the running variance changes (an in-place edit bumps its version; a training-mode pass, whose
+        kernel updates it without, drops the entry)."""
+        key, version = ("invstd", i), bn.running_var._version
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not bn.running_var or hit[1] != version:
+            hit = self._cache[key] = (
+                bn.running_var,
+                version,
+                (1 / torch.sqrt(bn.running_var.double() + bn.eps)).float(),
+            )
+        return hit[2]
 
     def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, s): per-sample channel means and stds of every layer, (B, sum C_i), from the last forward."""
@@ -182,14 +262,28 @@ class BNInputStats:
     def stds(self) -> list[torch.Tensor]:
         return self._split(self.concatenated()[1])
 
+    @staticmethod
+    def _fusable(bn: nn.BatchNorm2d) -> bool:
+        """Whether layer ``bn`` runs torch's own BatchNorm2d forward, which ``_make_forward`` may stand in for."""
+        return type(bn).forward is nn.BatchNorm2d.forward and "forward" not in vars(bn)
+
     def __enter__(self) -> "BNInputStats":
-        self._handles = [bn.register_forward_pre_hook(self._make_hook(i)) for i, bn in enumerate(self.layers)]
+        self._handles, self._patched = [], []
+        cpu = not self.running_mean[0].is_cuda
+        for i, bn in enumerate(self.layers):
+            if cpu and self._fusable(bn):
+                bn.forward = self._make_forward(i, bn)  # an instance attribute: removed on exit
+                self._patched.append(bn)
+            else:
+                self._handles.append(bn.register_forward_pre_hook(self._make_hook(i)))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
-        self._handles = []
+        for bn in self._patched:
+            del bn.forward
+        self._handles, self._patched = [], []
 
     def to(self, device) -> "BNInputStats":
         self.running_mean = [t.to(device) for t in self.running_mean]
