@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--profile", default="default")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
+    ap.add_argument(
+        "--rounds", type=int, default=9, help="generation rounds (each: the loop and both floors back to back)"
+    )
     ap.add_argument("--out", default=None, help="default: reports/bench.md, reports/bench-<profile>.md")
     args = ap.parse_args()
     keep_freed_memory()  # as every stage does (stages._common.setup_torch)
@@ -64,7 +67,7 @@ def main() -> None:
             kw["loss_fn"] = B.dsg_loss_fn(
                 model, x, dev, cfg.get("eps", 0.9), cfg.get("per_channel", False), cfg.get("lse_weight", 2.0)
             )
-        r = B.paired_generation_ratios(model, x, **kw, iters=args.iters, device=dev)
+        r = B.paired_generation_ratios(model, x, **kw, iters=args.iters, rounds=args.rounds, device=dev)
         rows.append((method, len(x), r, len(x) / (r["gen"] * cfg.get("iterations", 500))))
 
     loader = torch.utils.data.DataLoader(open_eval_dataset("data/prepared/eval", spec), batch_size=500)
@@ -85,8 +88,8 @@ def main() -> None:
         results_table(fp32, agg, sources, bits),
         "## Generation speed",
         "",
-        "Each ratio is the median over 5 rounds, each round timing the generation loop and both floors back "
-        "to back (range over the rounds in brackets).",
+        f"Each ratio is the median over {args.rounds} rounds, each round timing the generation loop and both floors "
+        "back to back (range over the rounds in brackets).",
         "",
         "| method | batch | s/iter | / fwd+bwd frozen weights (target <= 1.2) | / fwd+bwd with weight grads | images/s |",  # noqa: E501
         "|---|---|---|---|---|---|",
