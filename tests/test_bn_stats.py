@@ -174,8 +174,8 @@ def test_cpu_generation_takes_the_fused_node_and_matches_the_hooks_bit_for_bit(n
 
 
 def test_layers_in_training_mode_or_with_weight_gradients_take_torchs_batch_norm(tiny_bn, monkeypatch):
-    """A BN layer whose weights need gradients, or in training mode (batch statistics, running ones updated), runs
-    its own forward: the weights get their gradients, and the recorded moments are those of its input."""
+    """A BN layer whose weights need gradients, in training mode (batch statistics, running ones updated) or on a
+    float64 input runs its own forward: the weights get their gradients, and the recorded moments are its input's."""
     from dfq.generation import bn_stats
 
     fused = []
@@ -195,6 +195,11 @@ def test_layers_in_training_mode_or_with_weight_gradients_take_torchs_batch_norm
         assert fused == [6]
         assert not torch.equal(tiny_bn.bn2.running_mean, before)
         assert stats.means[1].shape == (4, 6)
+    tiny_bn.eval().double()  # float64: torch's own batch norm too
+    with BNInputStats(tiny_bn) as stats:
+        tiny_bn(x.double())
+        assert fused == [6]
+        assert torch.allclose(stats.means[0], tiny_bn.conv1(x.double()).mean((2, 3)))
 
 
 def test_the_fused_gradient_follows_a_changed_running_variance(tiny_bn):

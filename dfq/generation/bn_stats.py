@@ -179,14 +179,15 @@ class BNInputStats:
 
     def _make_forward(self, i: int, bn: nn.BatchNorm2d):
         """Layer i's forward while recording on the CPU: BN and its input's moments in one autograd node
-        (``_BatchNormMoments``) when the layer is a frozen eval-mode BN with running statistics; otherwise the
-        hook's recording and the layer's own forward."""
+        (``_BatchNormMoments``) when the layer is a frozen eval-mode BN with running statistics on a float32 input;
+        otherwise the hook's recording and the layer's own forward."""
         forward = type(bn).forward.__get__(bn)
 
         def fused(a: torch.Tensor) -> torch.Tensor:
             params = [p for p in (bn.weight, bn.bias) if p is not None]
             if (
-                a.is_cuda
+                a.device.type != "cpu"
+                or a.dtype != torch.float32  # the bitwise match with torch's kernels is float32's
                 or bn.training
                 or bn.running_var is None
                 or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
@@ -269,7 +270,7 @@ class BNInputStats:
 
     def __enter__(self) -> "BNInputStats":
         self._handles, self._patched = [], []
-        cpu = not self.running_mean[0].is_cuda
+        cpu = self.running_mean[0].device.type == "cpu"
         for i, bn in enumerate(self.layers):
             if cpu and self._fusable(bn):
                 bn.forward = self._make_forward(i, bn)  # an instance attribute: removed on exit
