@@ -17,6 +17,20 @@ from dfq.tracing import bn_layers
 STD_EPS = 1e-6
 
 
+def _centred_moments(a: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) mean and L2 norm over H x W of a - shift for a (B, C, H, W) CPU activation and a (C, 1) shift: one
+    subtraction and two reductions (the CPU moments of both Functions below)."""
+    y = a.flatten(2) - shift
+    return y.mean(-1), torch.linalg.vector_norm(y, dim=-1)
+
+
+def _moment_coefficients(g1, g2, n, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, k) of the moments' gradient d/da [g1 . E[y] + g2 . E[y^2]] = c + k * a for y = a - shift over n values:
+    k = 2 g2 / n, c = g1 / n - k * shift."""
+    k = (2.0 / n) * g2
+    return g1 / n - k * shift, k
+
+
 class _ShiftedMoments(torch.autograd.Function):
     """Raw moments E[y], E[y^2] over H x W of y_i = a_i - shift_i for several activations a_i at once.
 
@@ -40,18 +54,13 @@ class _ShiftedMoments(torch.autograd.Function):
             var_mean = [torch.var_mean(a, (2, 3), correction=0) for a in acts]
             m1 = torch.cat([m for _, m in var_mean], 1) - shift
             return m1, torch.addcmul(torch.cat([v for v, _ in var_mean], 1), m1, m1)
-        m1, norms = [], []
-        for a, s in zip(acts, shift.view(-1, 1).split(sizes)):
-            y = a.flatten(2) - s
-            m1.append(y.mean(-1))
-            norms.append(torch.linalg.vector_norm(y, dim=-1))
+        m1, norms = zip(*(_centred_moments(a, s) for a, s in zip(acts, shift.view(-1, 1).split(sizes))))
         return torch.cat(m1, 1), torch.cat(norms, 1).square_() / n
 
     @staticmethod
     def backward(ctx, g1: torch.Tensor, g2: torch.Tensor):
         shift, n, *acts = ctx.saved_tensors
-        k = (2.0 / n) * g2
-        c = g1 / n - k * shift
+        c, k = _moment_coefficients(g1, g2, n, shift)
         sizes = [a.shape[1] for a in acts]
         if acts[0].is_cuda:  # 4-D: any memory format, no copy
             c, k = c[:, :, None, None].split(sizes, 1), k[:, :, None, None].split(sizes, 1)
@@ -73,17 +82,15 @@ class _BatchNormMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, shift, n, mean, var, weight, bias, eps, invstd):
         y = torch.nn.functional.batch_norm(a, mean, var, weight, bias, False, 0.0, eps)
-        centred = a.flatten(2) - shift.view(-1, 1)
-        m1 = centred.mean(-1)
-        m2 = torch.linalg.vector_norm(centred, dim=-1).square_() / n
+        m1, norm = _centred_moments(a, shift.view(-1, 1))
+        m2 = norm.square_() / n
         ctx.save_for_backward(a, shift, n, invstd, weight)
         return y, m1, m2
 
     @staticmethod
     def backward(ctx, gy, g1, g2):
         a, shift, n, invstd, weight = ctx.saved_tensors
-        k = (2.0 / n) * g2
-        c = g1 / n - k * shift
+        c, k = _moment_coefficients(g1, g2, n, shift)
         grad = torch.addcmul(c.unsqueeze(-1), a.flatten(2), k.unsqueeze(-1)).view_as(a)
         scaled = gy * invstd.view(-1, 1, 1)
         if weight is not None:
