@@ -76,7 +76,7 @@ class _BatchNormMoments(torch.autograd.Function):
     -> (y, m1, m2) with y torch's own ``batch_norm`` of ``a`` and (m1, m2) ``_ShiftedMoments``' of ``a`` alone,
     op for op. Backward: the moments' gradient c + k * a (as ``_ShiftedMoments.backward``) plus BN's input
     gradient (dy * invstd) * weight, ``invstd`` = 1 / sqrt(running_var + eps) in double then float: bitwise what
-    torch's batch-norm backward gives in eval mode, whose CPU kernel costs 3-5 element-wise passes here (it also
+    torch's batch-norm backward gives in eval mode, whose CPU kernel takes 4-5x a product here (it also
     reduces over dy), and the same sum autograd forms from two nodes (addition commutes)."""
 
     @staticmethod
@@ -149,7 +149,7 @@ class BNInputStats:
     CIFAR ResNet-20, 2 cores); only the cheap rest runs once over all layers' channels. There, inside the
     context, a frozen eval-mode layer's forward is replaced (an instance attribute, removed on exit) by one
     autograd node for BN and its input's moments (``_BatchNormMoments``: the same bits, and its backward spares
-    torch's batch-norm backward kernel, 3-5x an element-wise pass); other layers, and every layer on a GPU, are
+    torch's batch-norm backward kernel, 4-5x a product); other layers, and every layer on a GPU, are
     recorded by forward pre-hooks.
     """
 
