@@ -425,6 +425,20 @@ def test_dvc_lock_holds_only_the_stages_of_dvc_yaml():
         )
 
 
+def test_dvc_reads_yaml_with_libyaml():
+    """DVC parses dvc.yaml, dvc.lock and params.yaml with ruamel's safe loader, which runs libyaml's C parser
+    when ruamel.yaml.clib is installed (requirements.txt): 0.23 s instead of 0.84 s for the default dvc.lock, about
+    2 s of every DVC command. The loader DVC builds must be the C one and read the lock as the pure-Python one does."""
+    from dvc.utils.serialize import parse_yaml
+    from ruamel.yaml import YAML
+    from ruamel.yaml.main import CParser
+
+    assert CParser is not None, "ruamel.yaml.clib is not importable: pip install -r requirements.txt"
+    assert YAML(typ="safe").Parser is CParser
+    text = (ROOT / "dvc.lock").read_text()
+    assert parse_yaml(text, "dvc.lock") == YAML(typ="safe", pure=True).load(text)
+
+
 # ---------------------------------------------------------------- sizes and docstrings
 
 
