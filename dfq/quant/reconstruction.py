@@ -231,8 +231,10 @@ def optimize_unit(
     bar = tqdm(range(iterations if opt else 0), desc=desc, leave=False, mininterval=1.0)
     for t in bar:  # exactly batch_size rows a step (the official Genie code's minibatch is N/32 rows)
         idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(x.device)
-        xb = x[idx] if x_fp is None else mix_inputs(x[idx], x_fp[idx], genie.input_prob)
-        rec = rec_error(unit(xb), y[idx])
+        xb = x.index_select(0, idx)  # x[idx]'s bytes; advanced indexing is 5-8x slower on the CPU
+        if x_fp is not None:
+            xb = mix_inputs(xb, x_fp.index_select(0, idx), genie.input_prob)
+        rec = rec_error(unit(xb), y.index_select(0, idx))
         loss = rec
         beta = beta_at(t, cfg) if layers else None
         if beta is not None:
