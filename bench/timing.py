@@ -201,7 +201,7 @@ def recon_floor_time(fp_unit: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
     def step():
         idx = torch.randint(len(x), (min(batch, len(x)),), generator=gen).to(x.device)
         fp_unit.zero_grad(set_to_none=True)
-        rec_error(fp_unit(x[idx]), y[idx]).backward()
+        rec_error(fp_unit(x.index_select(0, idx)), y.index_select(0, idx)).backward()
 
     return time_it(step, iters, device=x.device, repeats=1)
 
